@@ -1,0 +1,124 @@
+"""What a method supports, declared as data, and the base class every method derives from.
+
+In the manner of xformers' ``ops/fmha``: each method states its capabilities at class
+level and explains a refusal with :meth:`Method.not_supported_reasons`; dispatch never
+guesses and a forced method never falls back silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .inputs import AttentionInputs
+
+__all__ = ["Capabilities", "Method", "MethodNotSupportedError"]
+
+
+class MethodNotSupportedError(ValueError):
+    """A method was asked to serve inputs it cannot; the message says why and what to use."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Class-level declaration of what a method can serve.
+
+    Attributes:
+        exact: computes softmax attention exactly (up to rounding), not an approximation.
+        devices: device types served, e.g. ("cpu", "cuda").
+        dtypes: input dtypes served.
+        causal: supports ``is_causal=True``.
+        mask_kinds: attn_mask kinds served: "bool" (True = attend) and/or "float" (added).
+        causal_with_mask: supports ``is_causal`` and ``attn_mask`` together.
+        dropout: supports ``dropout_p > 0``.
+        gqa: supports Hq != Hkv (grouped-query attention).
+        differentiable: gradients flow to q, k, v (and a float mask).
+        double_backward: gradients of gradients are available.
+        deterministic: same inputs (and seed) give bitwise-same output on CPU.
+        returns_weights: can return the attention probabilities (for need_weights).
+        available: usable in this environment; when False, ``unavailable_reason`` says why.
+    """
+
+    exact: bool
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    causal: bool = True
+    mask_kinds: tuple[str, ...] = ("bool", "float")
+    causal_with_mask: bool = True
+    dropout: bool = True
+    gqa: bool = True
+    differentiable: bool = True
+    double_backward: bool = False
+    deterministic: bool = True
+    returns_weights: bool = False
+    available: bool = True
+    unavailable_reason: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dtypes":
+                value = [str(d).removeprefix("torch.") for d in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method's config dataclass.
+
+    A subclass is at once the user-facing config (frozen, validated in
+    ``__post_init__``) and the implementation: ``name`` and ``capabilities`` are class
+    data, :meth:`forward` computes attention.  Register it with
+    :func:`attnkit.core.registry.register`.
+    """
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+
+    def not_supported_reasons(self, inp: AttentionInputs, *, need_weights: bool = False) -> list[str]:
+        """Reasons this method cannot serve ``inp`` (empty when it can)."""
+        caps = self.capabilities
+        reasons = []
+        if not caps.available:
+            reasons.append(f"unavailable: {caps.unavailable_reason}")
+        if inp.device.type not in caps.devices:
+            reasons.append(f"device {inp.device.type!r} not in {list(caps.devices)}")
+        if inp.dtype not in caps.dtypes:
+            reasons.append(f"dtype {inp.dtype} not in {[str(d) for d in caps.dtypes]}")
+        if inp.is_causal and not caps.causal:
+            reasons.append("is_causal=True is not supported")
+        if inp.mask_kind is not None and inp.mask_kind not in caps.mask_kinds:
+            reasons.append(f"a {inp.mask_kind} attn_mask is not supported (supports {list(caps.mask_kinds)})")
+        if inp.is_causal and inp.attn_mask is not None and not caps.causal_with_mask:
+            reasons.append("attn_mask together with is_causal=True is not supported")
+        if inp.dropout_p > 0 and not caps.dropout:
+            reasons.append(f"dropout_p={inp.dropout_p} is not supported (only 0)")
+        if inp.hq != inp.hkv and not caps.gqa:
+            reasons.append(f"grouped-query attention (Hq={inp.hq}, Hkv={inp.hkv}) is not supported")
+        if need_weights and not caps.returns_weights:
+            reasons.append("cannot return attention weights (need_weights=True)")
+        return reasons
+
+    def forward(
+        self, inp: AttentionInputs, *, need_weights: bool = False, average_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Compute attention.
+
+        Returns:
+            out: (*batch, Hq, N, Dv) in the dtype of q.
+            weights: None unless ``need_weights``; then (*batch, Hq, N, S), or
+                (*batch, N, S) averaged over heads when ``average_weights``.
+        """
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """The command-line form of this config, e.g. ``tiled:block_q=128``."""
+        args = [f"{f.name}={getattr(self, f.name)}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return self.name + (":" + ",".join(args) if args else "")
