@@ -18,7 +18,7 @@ from .core import (
     register,
 )
 from .core.registry import MethodSpec, run
-from .methods import SDPA, Exact, Math, Tiled
+from .ops import SDPA, Exact, Math, Tiled
 from .nn import MultiheadAttention
 
 __version__ = "0.1.0"

@@ -103,7 +103,7 @@ def resolve(method: MethodSpec) -> Method:
 def _load_builtin_methods() -> None:
     # Importing the method modules registers them; done lazily so that the registry
     # module itself has no import cycle with the methods.
-    from .. import methods as _  # noqa: F401
+    from .. import ops as _  # noqa: F401
 
 
 def _refusal(method: Method, reasons: list[str], inp: AttentionInputs, need_weights: bool) -> str:

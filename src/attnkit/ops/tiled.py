@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..core.reference import causal_keep
 
-__all__ = ["TileParams", "tiled_attention", "tiled_weights", "choose_blocks", "dropout_keep_tile"]
+__all__ = ["TileParams", "tiled_attention", "tiled_weights", "choose_blocks", "compute_dtype", "dropout_keep_tile"]
 
 NEG_INF = float("-inf")
 
@@ -59,6 +59,11 @@ def choose_blocks(lead: int, n: int, s: int, block_q: int | None, block_k: int |
         if block_q > 16:
             block_q -= block_q % 16
     return max(1, min(block_q, n)), max(1, min(block_k, s))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulators: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dropout_keep_tile(seed: int, i: int, j: int, shape: torch.Size, p: float, device: torch.device) -> Tensor:
@@ -178,8 +183,8 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, prm: TileParams):
-        qs, k32, v32 = (q.float() * prm.scale), k.float(), v.float()
-        out, lse = _forward(qs, k32, v32, mask, prm)
+        acc = compute_dtype(q.dtype)
+        out, lse = _forward(q.to(acc) * prm.scale, k.to(acc), v.to(acc), mask, prm)
         ctx.save_for_backward(q, k, v, mask, out, lse)
         ctx.prm = prm
         return out.to(q.dtype), lse
@@ -193,12 +198,14 @@ class _TiledAttention(torch.autograd.Function):
             # create_graph=True (double backward): differentiate a recomputed forward with
             # autograd.  This keeps every tile alive, O(N·S) memory, only on this path.
             inputs = [t for t in (q, k, v, mask) if t is not None and t.requires_grad]
-            out2, _ = _forward(q.float() * prm.scale, k.float(), v.float(), mask, prm)
-            grads = iter(torch.autograd.grad(out2, inputs, dout.float(), create_graph=True, allow_unused=True))
+            acc = compute_dtype(q.dtype)
+            out2, _ = _forward(q.to(acc) * prm.scale, k.to(acc), v.to(acc), mask, prm)
+            grads = iter(torch.autograd.grad(out2, inputs, dout.to(acc), create_graph=True, allow_unused=True))
             result = [next(grads) if t is not None and t.requires_grad else None for t in (q, k, v, mask)]
             return (*[g.to(t.dtype) if g is not None else None for g, t in zip(result, (q, k, v, mask))], None)
+        acc = compute_dtype(q.dtype)
         dq, dk, dv, dmask = _backward(
-            q.float() * prm.scale, k.float(), v.float(), mask, out, lse, dout.float(), prm, mask_grad
+            q.to(acc) * prm.scale, k.to(acc), v.to(acc), mask, out, lse, dout.to(acc), prm, mask_grad
         )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), (dmask.to(mask.dtype) if mask_grad else None), None
 
@@ -218,7 +225,8 @@ def tiled_weights(
     Peak extra memory: the returned tensor plus one tile.
     """
     n, s = q.shape[-2], k.shape[-2]
-    qs, k32 = q.float() * prm.scale, k.float()
+    acc = compute_dtype(q.dtype)
+    qs, k32 = q.to(acc) * prm.scale, k.to(acc)
     lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
     heads = lead[-2] * lead[-1]
     shape = (*lead[:-2], n, s) if average else (*lead, n, s)

@@ -75,7 +75,7 @@ class SDPA(Method):
 @dataclass(frozen=True)
 class Tiled(Method):
     """FlashAttention-2-style online-softmax tiling in PyTorch: O(N·D + tile) memory in
-    forward and backward, exact up to rounding; see :mod:`attnkit.methods.tiled`.
+    forward and backward, exact up to rounding; see :mod:`attnkit.ops.tiled`.
 
     Args:
         block_q: query rows per tile (None: the rule in ``choose_blocks``).
@@ -145,7 +145,9 @@ class _SDPAWithTiledDoubleBackward(torch.autograd.Function):
             out2, _ = Tiled().forward(inp2)
             grads = torch.autograd.grad(out2, [saved[i] for i in wanted], dout, create_graph=True, allow_unused=True)
         else:
-            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], dout)
+            # retain_graph: the outer graph may be retained and run again (gradcheck does);
+            # the inner graph lives exactly as long as this node does.
+            grads = torch.autograd.grad(out, [leaves[i] for i in wanted], dout, retain_graph=True)
         result = [None, None, None, None, None]
         for i, g in zip(wanted, grads):
             result[i] = g
