@@ -196,3 +196,26 @@ def test_inf_and_nan_inputs_do_not_crash():
         out = attnkit.attention(q, k, v, method=spec)
         assert out.shape == q.shape
         assert torch.isfinite(out[0, 2:]).all(), spec  # untouched heads stay finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "case",
+    [Case(batch=(2,), hq=4, hkv=2, n=67, s=90, mask="keypad"), Case(batch=(2,), hq=4, hkv=2, n=67, s=90, causal=True)],
+    ids=lambda c: c.id,
+)
+@pytest.mark.parametrize("spec", EXACT_SPECS)
+def test_low_precision_gradients_within_twice_naive_error(spec, case, dtype):
+    q, k, v, mask = make_inputs(case, dtype, requires_grad=True, scale_q=3.0)
+    if _expects_refusal(spec, case, dtype):
+        pytest.skip(f"{spec} refuses {case.id}")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref = attnkit.reference_attention(q, k, v, mask, is_causal=case.causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.double())
+    naive_grads = torch.autograd.grad(naive_attention(q, k, v, mask, case.causal), (q, k, v), dout)
+    out = attnkit.attention(q, k, v, mask, is_causal=case.causal, method=spec)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, g, ng, rg in zip("qkv", grads, naive_grads, ref_grads):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        bound = LOWP_FACTOR * max_err(ng, rg) + LOWP_FLOOR * rg.abs().max().item()
+        assert max_err(g, rg) <= bound, name

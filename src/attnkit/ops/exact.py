@@ -32,7 +32,7 @@ class Math(Method):
 
     name: ClassVar[str] = "math"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exact=True, devices=("cpu", "cuda", "mps", "xpu"), double_backward=True, returns_weights=True
+        exact=True, double_backward=True, returns_weights=True
     )
 
     def forward(self, inp, *, need_weights=False, average_weights=False):
@@ -61,7 +61,6 @@ class SDPA(Method):
     name: ClassVar[str] = "sdpa"
     capabilities: ClassVar[Capabilities] = Capabilities(
         exact=True,
-        devices=("cpu", "cuda", "mps", "xpu"),
         causal_with_mask=False,
         gqa=compat.SDPA_HAS_GQA,
         double_backward=False,
@@ -87,7 +86,7 @@ class Tiled(Method):
 
     name: ClassVar[str] = "tiled"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exact=True, devices=("cpu", "cuda", "mps", "xpu"), double_backward=True, returns_weights=True
+        exact=True, double_backward=True, returns_weights=True
     )
 
     def __post_init__(self):
@@ -168,7 +167,7 @@ class Exact(Method):
 
     name: ClassVar[str] = "auto"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        exact=True, devices=("cpu", "cuda", "mps", "xpu"), double_backward=True, returns_weights=True
+        exact=True, double_backward=True, returns_weights=True
     )
 
     def choose(self, inp: AttentionInputs, *, need_weights: bool = False) -> tuple[Method, str]:
