@@ -160,15 +160,16 @@ def _backward(
         for bj, j0 in enumerate(range(0, _key_end(prm, i1, s), prm.block_k)):
             j1 = min(j0 + prm.block_k, s)
             k_j, v_j = k[..., j0:j1, :], v[..., j0:j1, :]
-            p = torch.exp(_scores(qs_i, k_j, mask, prm, i0, i1, j0, j1) - lse_safe[..., i0:i1, None])
+            # Runs without autograd (double backward takes the other path): in place.
+            p = _scores(qs_i, k_j, mask, prm, i0, i1, j0, j1).sub_(lse_safe[..., i0:i1, None]).exp_()
             dp = torch.matmul(do_i, v_j.transpose(-1, -2))  # (*lead, bq, bk)
             if prm.dropout_p > 0:
                 keep = dropout_keep_tile(prm.seed, bi, bj, p.shape, prm.dropout_p, p.device)
                 p_dropped = p * keep * drop_scale
-                dp = dp * keep * drop_scale
+                dp.mul_(keep).mul_(drop_scale)
             else:
                 p_dropped = p
-            ds = p * (dp - delta[..., i0:i1, None])
+            ds = dp.sub_(delta[..., i0:i1, None]).mul_(p)
             dv[..., j0:j1, :] += torch.matmul(p_dropped.transpose(-1, -2), do_i).sum_to_size(dv[..., j0:j1, :].shape)
             dk[..., j0:j1, :] += torch.matmul(ds.transpose(-1, -2), qs_i).sum_to_size(dk[..., j0:j1, :].shape)
             dq[..., i0:i1, :] += torch.matmul(ds, k_j)
