@@ -40,12 +40,26 @@ class Math(Method):
         return math_attention(inp, compute, need_weights=need_weights, average_weights=average_weights)
 
 
-def _sdpa(inp: AttentionInputs, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+@dataclass(frozen=True)
+class _Call:
+    """The non-tensor arguments of one SDPA call."""
+
+    dropout_p: float
+    is_causal: bool
+    scale: float
+    gqa: bool
+
+    @classmethod
+    def of(cls, inp: AttentionInputs) -> _Call:
+        return cls(inp.dropout_p, inp.is_causal, inp.scale, inp.hq != inp.hkv)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, call: _Call) -> Tensor:
     if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
-    kwargs = {"enable_gqa": True} if inp.hq != inp.hkv else {}
+    kwargs = {"enable_gqa": True} if call.gqa else {}
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=inp.dropout_p, is_causal=inp.is_causal, scale=inp.scale, **kwargs
+        q, k, v, attn_mask=mask, dropout_p=call.dropout_p, is_causal=call.is_causal, scale=call.scale, **kwargs
     )
 
 
@@ -67,7 +81,7 @@ class SDPA(Method):
     )
 
     def forward(self, inp, *, need_weights=False, average_weights=False):
-        return _sdpa(inp, inp.q, inp.k, inp.v, inp.attn_mask), None
+        return _sdpa(inp.q, inp.k, inp.v, inp.attn_mask, _Call.of(inp)), None
 
 
 @register
@@ -124,12 +138,12 @@ class _SDPAWithTiledDoubleBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, inp: AttentionInputs):
+    def forward(ctx, q, k, v, mask, call: _Call):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in (q, k, v, mask)]
-            out = _sdpa(inp, *leaves)
+            out = _sdpa(*leaves, call)
         ctx.inner = (leaves, out)
-        ctx.inp = inp
+        ctx.call = call
         ctx.save_for_backward(q, k, v, mask)
         return out.detach()
 
@@ -138,9 +152,14 @@ class _SDPAWithTiledDoubleBackward(torch.autograd.Function):
         leaves, out = ctx.inner
         wanted = [i for i, t in enumerate(leaves) if t is not None and t.requires_grad]
         if torch.is_grad_enabled():
+            call: _Call = ctx.call
+            if call.dropout_p > 0:
+                raise RuntimeError(
+                    "attnkit: a double backward through method='auto' with dropout_p > 0 cannot "
+                    "replay SDPA's dropout; use method='tiled' for gradients of gradients with dropout."
+                )
             saved = ctx.saved_tensors
-            inp = ctx.inp
-            inp2 = AttentionInputs(*saved[:3], saved[3], inp.dropout_p, inp.is_causal, inp.scale)
+            inp2 = AttentionInputs(*saved, call.dropout_p, call.is_causal, call.scale)
             out2, _ = Tiled().forward(inp2)
             grads = torch.autograd.grad(out2, [saved[i] for i in wanted], dout, create_graph=True, allow_unused=True)
         else:
@@ -175,7 +194,7 @@ class Exact(Method):
             return Tiled(), "attention weights requested; SDPA cannot return them"
         if inp.attn_mask is not None and inp.attn_mask.requires_grad and inp.requires_grad:
             return Tiled(), "the float attn_mask needs a gradient; SDPA would materialise N x S for it"
-        if inp.dropout_p > 0 and inp.device.type == "cpu" and inp.n * inp.s > (1 << 16):
+        if inp.dropout_p > 0 and inp.device.type == "cpu":
             return Tiled(), "dropout on CPU sends SDPA to its materialised math path"
         reasons = SDPA().not_supported_reasons(inp)
         if reasons:
@@ -187,6 +206,6 @@ class Exact(Method):
         if log.isEnabledFor(10):  # logging.DEBUG
             log.debug("attnkit auto -> %s (%s)", chosen.spec(), why)
         if isinstance(chosen, SDPA) and inp.requires_grad:
-            out = _SDPAWithTiledDoubleBackward.apply(inp.q, inp.k, inp.v, inp.attn_mask, inp)
+            out = _SDPAWithTiledDoubleBackward.apply(inp.q, inp.k, inp.v, inp.attn_mask, _Call.of(inp))
             return out, None
         return chosen.forward(inp, need_weights=need_weights, average_weights=average_weights)
