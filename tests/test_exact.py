@@ -219,3 +219,15 @@ def test_low_precision_gradients_within_twice_naive_error(spec, case, dtype):
         assert g.dtype == dtype and torch.isfinite(g).all(), name
         bound = LOWP_FACTOR * max_err(ng, rg) + LOWP_FLOOR * rg.abs().max().item()
         assert max_err(g, rg) <= bound, name
+
+
+@pytest.mark.parametrize("n, s", [(4, 0), (0, 5), (0, 0)], ids=["S0", "N0", "N0-S0"])
+@pytest.mark.parametrize("spec", EXACT_SPECS)
+def test_empty_lengths(spec, n, s):
+    q = torch.randn(1, 2, n, 8, requires_grad=True)
+    k = torch.randn(1, 2, s, 8, requires_grad=True)
+    v = torch.randn(1, 2, s, 6, requires_grad=True)
+    out = attnkit.attention(q, k, v, method=spec)
+    assert out.shape == (1, 2, n, 6) and (out == 0).all()  # no keys: like a fully masked row
+    out.sum().backward()
+    assert (q.grad == 0).all()

@@ -31,6 +31,8 @@ def causal_keep(n0: int, n1: int, s0: int, s1: int, device: torch.device) -> Ten
 
 def safe_softmax(scores: Tensor) -> Tensor:
     """Softmax over the last dim that gives zeros (not NaN) on rows that are all -inf."""
+    if scores.shape[-1] == 0:  # no keys at all: like a fully masked row
+        return scores
     m = scores.amax(dim=-1, keepdim=True).detach()
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     p = torch.exp(scores - m)

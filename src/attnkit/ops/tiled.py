@@ -134,6 +134,8 @@ def _forward(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, prm: TilePar
         l_safe = torch.where(l == 0, 1.0, l)
         outs.append(acc / l_safe[..., None])
         lses.append(torch.where(l == 0, NEG_INF, torch.where(m == NEG_INF, 0.0, m) + torch.log(l_safe)))
+    if not outs:  # N == 0
+        return qs.new_zeros((*lead, 0, v.shape[-1])), qs.new_zeros((*lead, 0))
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
