@@ -104,11 +104,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         *,
         method: MethodSpec = "auto",
     ) -> None:
-        resolve(method)  # an unknown name or a malformed spec fails here, not at the first call
+        config = resolve(method)  # an unknown name or a malformed spec fails here, not at the first call
         super().__init__(
             embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first, device, dtype
         )
         self.method = method
+        # The method's own learnable parts (e.g. LowRank projections), if any: a
+        # submodule, so they live in state_dict under "attn_state.".
+        state = config.make_state(num_heads, self.head_dim)
+        if state is not None:
+            self.attn_state = state.to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}"
@@ -204,6 +209,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         out, weights = run(
             q, k, v, mask, dropout_p, causal,
             method=self.method, need_weights=need_weights, average_weights=average_attn_weights,
+            state=getattr(self, "attn_state", None),
         )  # out (B, H, L, Dh); weights (B, H, L, S') or (B, L, S')
 
         out = out.permute(2, 0, 1, 3).reshape(L * B, E)  # (L·B, E)

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .inputs import AttentionInputs
+from .inputs import AttentionInputs, Shape
 
 __all__ = ["Capabilities", "Method", "MethodNotSupportedError"]
 
@@ -107,9 +107,21 @@ class Method:
         return reasons
 
     def forward(
-        self, inp: AttentionInputs, *, need_weights: bool = False, average_weights: bool = False
+        self,
+        inp: AttentionInputs,
+        *,
+        need_weights: bool = False,
+        average_weights: bool = False,
+        state: torch.nn.Module | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Compute attention.
+
+        Args:
+            inp: a validated call.
+            need_weights / average_weights: also return the attention probabilities
+                (only for methods whose capabilities say ``returns_weights``).
+            state: the module made by :meth:`make_state` (learned projections, random
+                features), when the method runs inside a module; None in functional use.
 
         Returns:
             out: (*batch, Hq, N, Dv) in the dtype of q.
@@ -117,6 +129,38 @@ class Method:
                 (*batch, N, S) averaged over heads when ``average_weights``.
         """
         raise NotImplementedError
+
+    def flops(self, shape: Shape) -> float:
+        """Forward floating-point operations for a call of this shape (2 per multiply-add).
+
+        Counts the matrix products that dominate; elementwise work is left out, as in
+        the FlashAttention papers.  Exact attention: 2·B·Hq·pairs·(D + Dv).
+        """
+        return 2.0 * shape.batch * shape.hq * shape.visible_pairs() * (shape.d + shape.dv)
+
+    def implied_weights(self, inp: AttentionInputs, state: torch.nn.Module | None = None) -> Tensor:
+        """The (*batch, Hq, N, S) attention matrix this method effectively applies.
+
+        Materialised: for analysis and error metrics on small N only.  Exact methods
+        return the reference probabilities (fp64); approximate families override this
+        with their own naive formula.
+        """
+        from .reference import math_attention
+
+        _, weights = math_attention(
+            AttentionInputs(inp.q.double(), inp.k.double(), inp.v.double(), inp.attn_mask, 0.0, inp.is_causal, inp.scale),
+            torch.float64,
+            need_weights=True,
+        )
+        return weights
+
+    def make_state(self, num_heads: int, head_dim: int) -> torch.nn.Module | None:
+        """Parameters or buffers this method needs inside a module (None: stateless).
+
+        :class:`attnkit.MultiheadAttention` registers the result as a submodule, so it
+        round-trips through ``state_dict``, and passes it back as ``forward(state=...)``.
+        """
+        return None
 
     def spec(self) -> str:
         """The command-line form of this config, e.g. ``tiled:block_q=128``."""

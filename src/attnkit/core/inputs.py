@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionInputError", "AttentionInputs", "prepare_inputs"]
+__all__ = ["AttentionInputError", "AttentionInputs", "Shape", "prepare_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +31,31 @@ class AttentionInputError(ValueError):
 
 def _fail(msg: str) -> None:
     raise AttentionInputError(msg)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of an attention call, without tensors (for FLOP formulas and planning).
+
+    ``batch`` is the product of the leading dims.
+    """
+
+    batch: int
+    hq: int
+    hkv: int
+    n: int
+    s: int
+    d: int
+    dv: int
+    is_causal: bool = False
+
+    def visible_pairs(self) -> int:
+        """(query, key) pairs exact attention scores: N·S, or sum_i min(i+1, S) if causal."""
+        if not self.is_causal:
+            return self.n * self.s
+        full = max(0, self.n - self.s)  # rows i >= S see all S keys
+        tri = min(self.n, self.s)
+        return tri * (tri + 1) // 2 + full * self.s
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,10 @@ class AttentionInputs:
     @property
     def device(self) -> torch.device:
         return self.q.device
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(math.prod(self.batch_shape), self.hq, self.hkv, self.n, self.s, self.d, self.dv, self.is_causal)
 
     @property
     def mask_kind(self) -> str | None:

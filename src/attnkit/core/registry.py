@@ -15,6 +15,7 @@ import typing
 from typing import Union
 
 from torch import Tensor
+from torch.nn import Module
 
 from .capabilities import Capabilities, Method, MethodNotSupportedError
 from .inputs import AttentionInputs, prepare_inputs
@@ -136,6 +137,7 @@ def run(
     method: MethodSpec = "auto",
     need_weights: bool = False,
     average_weights: bool = False,
+    state: Module | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Validate, dispatch and run one attention call; returns ``(out, weights | None)``.
 
@@ -147,7 +149,7 @@ def run(
     reasons = m.not_supported_reasons(inp, need_weights=need_weights)
     if reasons:
         raise MethodNotSupportedError(_refusal(m, reasons, inp, need_weights))
-    return m.forward(inp, need_weights=need_weights, average_weights=average_weights)
+    return m.forward(inp, need_weights=need_weights, average_weights=average_weights, state=state)
 
 
 def explain(

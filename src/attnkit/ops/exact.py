@@ -35,7 +35,7 @@ class Math(Method):
         exact=True, double_backward=True, returns_weights=True
     )
 
-    def forward(self, inp, *, need_weights=False, average_weights=False):
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         compute = torch.float64 if inp.dtype == torch.float64 else torch.float32
         return math_attention(inp, compute, need_weights=need_weights, average_weights=average_weights)
 
@@ -80,7 +80,7 @@ class SDPA(Method):
         double_backward=False,
     )
 
-    def forward(self, inp, *, need_weights=False, average_weights=False):
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         return _sdpa(inp.q, inp.k, inp.v, inp.attn_mask, _Call.of(inp)), None
 
 
@@ -117,7 +117,7 @@ class Tiled(Method):
         seed = int(torch.randint(0, 1 << 62, (1,)).item()) if inp.dropout_p > 0 else 0
         return TileParams(inp.scale, inp.is_causal, inp.dropout_p, seed, block_q, block_k)
 
-    def forward(self, inp, *, need_weights=False, average_weights=False):
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         q, k, v, mask = inp.grouped()
         prm = self.params(inp)
         out, lse = tiled_attention(q, k, v, mask, prm)
@@ -201,7 +201,7 @@ class Exact(Method):
             return Tiled(), "SDPA cannot serve: " + "; ".join(reasons)
         return SDPA(), "SDPA serves these inputs"
 
-    def forward(self, inp, *, need_weights=False, average_weights=False):
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         chosen, why = self.choose(inp, need_weights=need_weights)
         if log.isEnabledFor(10):  # logging.DEBUG
             log.debug("attnkit auto -> %s (%s)", chosen.spec(), why)
