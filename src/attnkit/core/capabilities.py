@@ -32,6 +32,9 @@ class Capabilities:
         dtypes: input dtypes served.
         causal: supports ``is_causal=True``.
         mask_kinds: attn_mask kinds served: "bool" (True = attend) and/or "float" (added).
+        full_masks: serves masks that vary along queries, e.g. (N, S); when False only
+            key-padding masks, whose query dim is 1 such as (B, 1, 1, S), are served
+            (float ones only with values 0 or -inf).
         causal_with_mask: supports ``is_causal`` and ``attn_mask`` together.
         dropout: supports ``dropout_p > 0``.
         gqa: supports Hq != Hkv (grouped-query attention).
@@ -47,6 +50,7 @@ class Capabilities:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     causal: bool = True
     mask_kinds: tuple[str, ...] = ("bool", "float")
+    full_masks: bool = True
     causal_with_mask: bool = True
     dropout: bool = True
     gqa: bool = True
@@ -96,6 +100,14 @@ class Method:
             reasons.append("is_causal=True is not supported")
         if inp.mask_kind is not None and inp.mask_kind not in caps.mask_kinds:
             reasons.append(f"a {inp.mask_kind} attn_mask is not supported (supports {list(caps.mask_kinds)})")
+        if inp.attn_mask is not None and not caps.full_masks:
+            if not inp.mask_is_key_padding:
+                reasons.append(
+                    f"attn_mask of shape {tuple(inp.attn_mask.shape)} varies along queries; only key-padding "
+                    f"masks (query dim 1, e.g. (B, 1, 1, S)) are supported"
+                )
+            elif inp.mask_kind == "float" and not bool(((inp.attn_mask == 0) | (inp.attn_mask == float("-inf"))).all()):
+                reasons.append("a float key-padding mask must hold only 0 and -inf (a per-key bias is not supported)")
         if inp.is_causal and inp.attn_mask is not None and not caps.causal_with_mask:
             reasons.append("attn_mask together with is_causal=True is not supported")
         if inp.dropout_p > 0 and not caps.dropout:

@@ -134,6 +134,23 @@ class AttentionInputs:
         return "bool" if self.attn_mask.dtype == torch.bool else "float"
 
     @property
+    def mask_is_key_padding(self) -> bool:
+        """The mask varies along keys only (its query dim is 1), e.g. (B, 1, 1, S)."""
+        return self.attn_mask is not None and (self.attn_mask.dim() < 2 or self.attn_mask.shape[-2] == 1)
+
+    def key_keep(self) -> Tensor | None:
+        """A bool key-padding mask as a grouped view (*b', Hkv|1, G|1, 1, S), True = attend.
+
+        For methods that take only key-padding masks; None when there is no mask.  A
+        float key-padding mask counts -inf as padding; finite values must be 0 (a
+        per-key bias is not a padding mask: those methods refuse it in validation).
+        """
+        if self.attn_mask is None:
+            return None
+        keep = self.attn_mask if self.attn_mask.dtype == torch.bool else self.attn_mask != float("-inf")
+        return group_mask(keep, self.q.dim(), self.hkv, self.groups)
+
+    @property
     def requires_grad(self) -> bool:
         tensors = (self.q, self.k, self.v, self.attn_mask)
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
