@@ -80,3 +80,22 @@ def test_import_changes_nothing_in_torch():
         "assert F.scaled_dot_product_attention is before and torch.nn.MultiheadAttention is mha"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("n, s", [(5, 5), (7, 3), (3, 7), (1, 1)])
+def test_visible_pairs_counts_the_causal_pattern(n, s):
+    from attnkit.core.inputs import Shape
+    from attnkit.core.reference import causal_keep
+
+    assert Shape(1, 1, 1, n, s, 4, 4, is_causal=True).visible_pairs() == int(causal_keep(0, n, 0, s, "cpu").sum())
+    assert Shape(1, 1, 1, n, s, 4, 4).visible_pairs() == n * s
+
+
+def test_exact_flops_match_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    qq, kk, vv = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 96, 16), torch.randn(2, 4, 96, 8)
+    inp = attnkit.core.prepare_inputs(qq, kk, vv)
+    with FlopCounterMode(display=False) as fc:
+        attnkit.attention(qq, kk, vv, method="math")
+    assert attnkit.Math().flops(inp.shape) == fc.get_total_flops()
