@@ -1,0 +1,402 @@
+"""Query-aware block top-k attention: a local window, sinks, and the key blocks each query
+block is most likely to need, chosen per head from cheap per-block key bounds.
+
+Keys are cut into blocks of ``block`` (Bk) keys and queries into blocks of the same size.
+Each query block keeps (1) its window blocks: the consecutive key blocks holding every
+key of its queries' :class:`~attnkit.ops.local.Local` windows, (2) the sink blocks
+holding the first ``sinks`` keys, and (3) the ``topk`` other key blocks with the highest
+Quest score (Tang et al. 2024): with ``kmax``/``kmin`` the elementwise max/min of a
+block's keys, ``score(q) = sum_d max(q_d·kmax_d, q_d·kmin_d)``, an upper bound of
+``q·k`` over the block, computed as ``relu(q)·kmax + min(q, 0)·kmin`` (two matmuls).
+The query block is represented by its mean query (``score="mean"``) or scored by the
+max over its queries (``score="max"``, N/Bk times dearer).  Attention over the kept
+blocks is then exact: keys and values of the window come as a strided view, those of
+the selected blocks are gathered with one ``index_select`` per chunk of query blocks,
+and one fp32 softmax runs over them.  The selection is not differentiable (indices);
+gradients flow through the attention over the kept blocks.
+
+Cost: O(N·(W + Bk + (K + sinks/Bk)·Bk)·D) for the attention and O((N/Bk)²·D) for the
+selection (``score="max"``: O(N·(N/Bk)·D)).  When K·Bk + W >= S every block is kept and
+the result is exact attention (causal: for N <= S).
+
+References:
+    Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024.
+    Jiang et al., "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via
+    Dynamic Sparse Attention", NeurIPS 2024.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.capabilities import Capabilities, Method
+from ..core.inputs import AttentionInputs, Shape
+from ..core.reference import math_attention
+from ..core.registry import register
+from .local import combine_masks
+from .tiled import compute_dtype
+
+__all__ = ["BlockTopK", "BlockLayout", "Selection", "select_blocks", "selection_mask", "kept_keys", "naive_blocktopk"]
+
+NEG_INF = float("-inf")
+_CHUNK_TARGET = 1 << 20  # scores per chunk of query blocks
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the blocks are: query blocks b and key blocks c of ``bk`` positions each.
+
+    Window blocks of query block b are ``[lo(b), lo(b) + nwin)``: a fixed number of
+    consecutive key blocks, shifted inwards at the sequence ends, that hold every key of
+    the Local window (same ``window``, same definition) of each of b's queries.
+    Sink blocks are ``[0, nsink)`` with ``nsink = ceil(sinks / bk)``.
+    """
+
+    n: int
+    s: int
+    bk: int
+    window: int
+    sinks: int
+    causal: bool
+
+    @property
+    def nqb(self) -> int:
+        return -(-self.n // self.bk)
+
+    @property
+    def nkb(self) -> int:
+        return -(-self.s // self.bk)
+
+    @property
+    def _offsets(self) -> tuple[int, int]:
+        """(first, last) window block of query block b, relative to b, before clamping."""
+        if self.causal:  # keys i - W < j <= i
+            return (1 - self.window) // self.bk, 0
+        h = self.window // 2  # keys [i - W//2, i - W//2 + W) for i in the block
+        return -h // self.bk, (self.bk - 2 - h + self.window) // self.bk
+
+    @property
+    def nwin(self) -> int:
+        first, last = self._offsets
+        return min(last - first + 1, self.nkb)
+
+    @property
+    def nsink(self) -> int:
+        return min(-(-self.sinks // self.bk), self.nkb)
+
+    def lo(self, b: int) -> int:
+        return min(max(b + self._offsets[0], 0), self.nkb - self.nwin)
+
+    def los(self) -> list[int]:
+        return [self.lo(b) for b in range(self.nqb)]
+
+
+class Selection(NamedTuple):
+    """The blocks each query block keeps beyond its window.
+
+    extra: (*lead, nqb, E) long key-block indices (sink blocks, then the top-k), E =
+        nsink + min(topk, nkb); extra_ok: (*lead, nqb, E) bool, False for slots that are
+        unused (fewer candidates than topk) or sink blocks already in the window.
+    """
+
+    extra: Tensor
+    extra_ok: Tensor
+
+
+def _pad_len(x: Tensor, length: int, value: float | bool = 0) -> Tensor:
+    """Pad dim -2 of x (…, L, D) to ``length`` rows."""
+    if x.shape[-2] == length:
+        return x
+    return F.pad(x, (0, 0, 0, length - x.shape[-2]), value=value)
+
+
+def _key_keep(layout: BlockLayout, keep: Tensor | None, device: torch.device) -> Tensor | None:
+    """Bool (…', nkb·bk) visible keys: within S and not padded; None when all are."""
+    length = layout.nkb * layout.bk
+    if keep is None:
+        if length == layout.s:
+            return None
+        return torch.arange(length, device=device) < layout.s
+    keep = keep.squeeze(-2)  # (*b', Hkv|1, G|1, S)
+    return F.pad(keep, (0, length - layout.s), value=False)
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, k: Tensor, keep: Tensor | None, layout: BlockLayout, topk: int, score: str) -> Selection:
+    """Choose the top-k key blocks per query block and head by the Quest bound.
+
+    Args:
+        q: (*b, Hkv, G, N, D) grouped queries (scaled or not: the ranking is the same).
+        k: (*b, Hkv, 1, S, D) grouped keys.
+        keep: grouped key-padding keep mask (*b', Hkv|1, G|1, 1, S) or None.
+        layout: the block geometry.
+        topk: K, blocks chosen beyond the window and sinks.
+        score: "mean" (the block's mean query) or "max" (max over its queries).
+    """
+    bk, nqb, nkb = layout.bk, layout.nqb, layout.nkb
+    dev = q.device
+    kk = _pad_len(k, nkb * bk).unflatten(-2, (nkb, bk))  # (*b, Hkv, 1, nkb, bk, D)
+    valid = _key_keep(layout, keep, dev)
+    if valid is not None:
+        vmask = valid.unflatten(-1, (nkb, bk))[..., None]  # (…', nkb, bk, 1)
+        kmax = kk.masked_fill(~vmask, NEG_INF).amax(dim=-2)
+        kmin = kk.masked_fill(~vmask, float("inf")).amin(dim=-2)
+        block_ok = vmask.squeeze(-1).any(dim=-1)  # (…', nkb)
+        kmax = kmax.masked_fill(~block_ok[..., None], 0.0)  # empty blocks: finite, scored -inf below
+        kmin = kmin.masked_fill(~block_ok[..., None], 0.0)
+    else:
+        kmax, kmin, block_ok = kk.amax(dim=-2), kk.amin(dim=-2), None  # (*b, Hkv, 1, nkb, D)
+    if score == "mean":
+        qq = _pad_len(q, nqb * bk).unflatten(-2, (nqb, bk))  # (*b, Hkv, G, nqb, bk, D)
+        counts = torch.full((nqb, 1), float(bk), dtype=q.dtype, device=dev)
+        counts[-1] = layout.n - (nqb - 1) * bk
+        qr = qq.sum(dim=-2) / counts  # (*b, Hkv, G, nqb, D)
+        sc = qr.clamp(min=0) @ kmax.transpose(-1, -2) + qr.clamp(max=0) @ kmin.transpose(-1, -2)
+    else:
+        per_q = q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)  # (…, N, nkb)
+        sc = _pad_len(per_q, nqb * bk, NEG_INF).unflatten(-2, (nqb, bk)).amax(dim=-2)  # (…, nqb, nkb)
+    # Candidates: not a window or sink block, not wholly in the future, not empty.
+    c = torch.arange(nkb, device=dev)
+    b = torch.arange(nqb, device=dev)[:, None]
+    lo = torch.tensor(layout.los(), device=dev)[:, None]
+    in_window = (c >= lo) & (c < lo + layout.nwin)  # (nqb, nkb)
+    taken = in_window | (c < layout.nsink)
+    if layout.causal:
+        last_row = torch.clamp((b + 1) * bk, max=layout.n) - 1
+        taken = taken | (c * bk > last_row)
+    sc = sc.masked_fill(taken, NEG_INF)
+    if block_ok is not None:
+        sc = sc.masked_fill(~block_ok.unsqueeze(-2), NEG_INF)
+    kk_ = min(topk, nkb)
+    val, idx = sc.topk(kk_, dim=-1, sorted=False) if kk_ > 0 else (sc[..., :0], sc[..., :0].long())
+    sinks = torch.arange(layout.nsink, device=dev).expand(*idx.shape[:-1], layout.nsink)
+    sink_ok = ~in_window[:, : layout.nsink].expand(*idx.shape[:-1], layout.nsink)
+    return Selection(torch.cat([sinks, idx], dim=-1), torch.cat([sink_ok, val > NEG_INF], dim=-1))
+
+
+def selection_mask(layout: BlockLayout, sel: Selection) -> Tensor:
+    """Dense bool (*lead, N, S) of the kept keys (window and extra blocks, causal cut).
+
+    Materialises N x S: the naive path and implied weights only.
+    """
+    nqb, nkb, bk = layout.nqb, layout.nkb, layout.bk
+    dev = sel.extra.device
+    c = torch.arange(nkb, device=dev)
+    lo = torch.tensor(layout.los(), device=dev)[:, None]
+    blocks = (c >= lo) & (c < lo + layout.nwin)  # (nqb, nkb)
+    # scatter_add, not scatter_: an unused slot may repeat a used block's index.
+    hits = torch.zeros((*sel.extra.shape[:-1], nkb), dtype=torch.int32, device=dev)
+    extra = hits.scatter_add_(-1, sel.extra, sel.extra_ok.to(torch.int32)) > 0
+    blocks = blocks | extra
+    dense = blocks.repeat_interleave(bk, dim=-2).repeat_interleave(bk, dim=-1)[..., : layout.n, : layout.s]
+    if layout.causal:
+        i = torch.arange(layout.n, device=dev)[:, None]
+        dense = dense & (torch.arange(layout.s, device=dev)[None, :] <= i)
+    return dense
+
+
+def naive_blocktopk(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
+    scale: float | None = None, *, window: int, block: int = 64, topk: int = 8, sinks: int = 0,
+    score: str = "mean", need_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Block top-k attention, materialised: the oracle of the fast path.
+
+    Equivalent to::
+
+        sel = select_blocks(q, k, key_keep, layout, topk, score)    # which blocks
+        keep = selection_mask(layout, sel)                          # (…, N, S) bool
+        softmax(q @ k.T * scale + where(keep & attn_mask, 0, -inf)) @ v
+
+    computed in fp32 (fp64 for fp64 inputs).
+
+    Returns:
+        out (*batch, Hq, N, Dv) in q's dtype, and the probabilities (*batch, Hq, N, S)
+        when ``need_weights``.
+    """
+    from ..core.inputs import prepare_inputs
+
+    inp = prepare_inputs(q, k, v, attn_mask, 0.0, is_causal, scale)
+    keep = kept_keys(inp, BlockLayout(inp.n, inp.s, block, window, sinks, is_causal), topk, score)
+    inp = AttentionInputs(q, k, v, combine_masks(attn_mask, keep), 0.0, is_causal, inp.scale)
+    out, w = math_attention(inp, compute_dtype(q.dtype), need_weights=need_weights)
+    return (out, w) if need_weights else out
+
+
+def kept_keys(inp: AttentionInputs, layout: BlockLayout, topk: int, score: str) -> Tensor:
+    """Dense bool (*batch, Hq, N, S): the keys each query keeps, selected exactly as the
+    fast path selects them (in the compute dtype of ``inp``)."""
+    acc = compute_dtype(inp.dtype)
+    gq, gk, _, _ = inp.grouped()
+    sel = select_blocks(gq.to(acc) * inp.scale, gk.to(acc), inp.key_keep(), layout, topk, score)
+    return inp.ungroup(selection_mask(layout, sel).expand(*gq.shape[:-2], inp.n, inp.s))
+
+
+def choose_chunk(lead: int, bk: int, slots: int) -> int:
+    """Query blocks per chunk: about 2^20 scores, at least one."""
+    return max(1, _CHUNK_TARGET // max(1, lead * bk * slots * bk))
+
+
+def _blocktopk(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: BlockLayout, sel: Selection) -> Tensor:
+    """The gathered attention.  qs (*b, Hkv, G, N, D) scaled, k (*b, Hkv, 1, S, D),
+    v (*b, Hkv, 1, S, Dv) in the compute dtype; keep the grouped key-padding mask or None.
+
+    Returns (*b, Hkv, G, N, Dv).
+    """
+    bk, nqb, nkb, nwin = layout.bk, layout.nqb, layout.nkb, layout.nwin
+    dev = qs.device
+    e = sel.extra.shape[-1]
+    lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+    qb = _pad_len(qs, nqb * bk).unflatten(-2, (nqb, bk))  # (*b, Hkv, G, nqb, bk, D)
+    kp, vp = _pad_len(k, nkb * bk), _pad_len(v, nkb * bk)  # (*b, Hkv, 1, nkb·bk, D)
+    kwin = kp.unfold(-2, nwin * bk, bk)  # (*b, Hkv, 1, nkb-nwin+1, D, nwin·bk): a view
+    vwin = vp.unfold(-2, nwin * bk, bk).transpose(-1, -2)  # (…, nkb-nwin+1, nwin·bk, Dv)
+    # Gather the extra blocks from a flat (blocks, bk·D) view: one index_select per chunk.
+    kv_lead = k.shape[:-3]  # (*b, Hkv)
+    nl = math.prod(kv_lead)
+    kflat = kp.reshape(nl * nkb, bk * k.shape[-1])
+    vflat = vp.reshape(nl * nkb, bk * v.shape[-1])
+    base = (torch.arange(nl, device=dev) * nkb).view(*kv_lead, 1, 1, 1)
+    gidx = sel.extra + base  # (*b, Hkv, G, nqb, E)
+    valid = _key_keep(layout, keep, dev)  # (…', nkb·bk) or None
+    # Which gathered keys are visible: a used slot, within S, not padded.
+    ok_e = sel.extra_ok[..., None].expand(*sel.extra_ok.shape, bk)  # (…, nqb, E, bk)
+    if valid is not None:
+        vb = valid.unflatten(-1, (nkb, bk)).expand(*lead, nkb, bk)
+        ok_e = ok_e & torch.gather(vb, -2, sel.extra.flatten(-2)[..., None].expand(*lead, nqb * e, bk)).view(ok_e.shape)
+    ok_e = ok_e.flatten(-2)  # (…, nqb, E·bk)
+    valid_win = valid.unfold(-1, nwin * bk, bk) if valid is not None else None  # (…', nkb-nwin+1, nwin·bk)
+    los = layout.los()
+    chunk = choose_chunk(math.prod(lead), bk, nwin + e)
+    may_be_empty = keep is not None
+    outs = []
+    for b0 in range(0, nqb, chunk):
+        b1 = min(b0 + chunk, nqb)
+        if los[b1 - 1] - los[b0] == b1 - 1 - b0:  # consecutive windows: a slice of the view
+            sl = slice(los[b0], los[b0] + b1 - b0)
+            kw, vw = kwin[..., sl, :, :], vwin[..., sl, :, :]
+            vw_keep = valid_win[..., sl, :] if valid_win is not None else None
+        else:  # windows shifted inwards at the ends: copy those few
+            ix = torch.tensor(los[b0:b1], device=dev)
+            kw, vw = kwin.index_select(-3, ix), vwin.index_select(-3, ix)
+            vw_keep = valid_win.index_select(-2, ix) if valid_win is not None else None
+        g = gidx[..., b0:b1, :].reshape(-1)
+        shape = (*gidx.shape[:-2], b1 - b0, e * bk)
+        ke = kflat.index_select(0, g).view(*shape, k.shape[-1])  # (*b, Hkv, G, C, E·bk, D)
+        ve = vflat.index_select(0, g).view(*shape, v.shape[-1])
+        qc = qb[..., b0:b1, :, :]  # (*b, Hkv, G, C, bk, D)
+        s_w = torch.matmul(qc, kw)  # (*b, Hkv, G, C, bk, nwin·bk)
+        s_e = torch.matmul(qc, ke.transpose(-1, -2))  # (*b, Hkv, G, C, bk, E·bk)
+        win_ok = vw_keep[..., None, :] if vw_keep is not None else None  # (…', C, 1, nwin·bk)
+        if layout.causal:
+            rows = (torch.arange(b0, b1, device=dev) * bk)[:, None, None] + torch.arange(bk, device=dev)[:, None]
+            cols = (torch.tensor(los[b0:b1], device=dev) * bk)[:, None, None] + torch.arange(nwin * bk, device=dev)
+            causal = cols <= rows  # (C, bk, nwin·bk)
+            win_ok = causal if win_ok is None else win_ok & causal
+        if win_ok is not None:
+            s_w.masked_fill_(~win_ok, NEG_INF)
+        e_ok = ok_e[..., b0:b1, None, :]  # (…, C, 1, E·bk)
+        s_e.masked_fill_(~e_ok, NEG_INF)
+        sc = torch.cat([s_w, s_e], dim=-1)
+        row_ok = None
+        if may_be_empty:
+            w_any = win_ok.any(dim=-1, keepdim=True) if win_ok is not None else torch.ones((), dtype=torch.bool, device=dev)
+            row_ok = w_any | e_ok.any(dim=-1, keepdim=True)
+            sc.masked_fill_(~row_ok, 0.0)
+        p = torch.softmax(sc, dim=-1)
+        out = torch.matmul(p[..., : nwin * bk], vw) + torch.matmul(p[..., nwin * bk :], ve)  # (…, C, bk, Dv)
+        if row_ok is not None:
+            out = out * row_ok
+        outs.append(out)
+    out = torch.cat(outs, dim=-3).flatten(-3, -2)  # (*b, Hkv, G, nqb·bk, Dv)
+    return out[..., : layout.n, :]
+
+
+@register
+@dataclass(frozen=True)
+class BlockTopK(Method):
+    """Query-aware dynamic block-sparse attention (Quest / MInference style), training-free.
+
+    Per query block (``block`` queries) and head: the window blocks (every key of
+    :class:`~attnkit.ops.local.Local`'s window of the same ``window``, in whole blocks),
+    the sink blocks (the first ``sinks`` keys, in whole blocks), and the ``topk`` other
+    key blocks with the highest Quest bound ``relu(q)·kmax + min(q, 0)·kmin``; exact
+    softmax attention over those blocks only.  Causal: future blocks are never
+    selected and the diagonal blocks are masked.  K·Bk + W >= S gives exact attention.
+
+    Equivalent to ``naive_blocktopk(q, k, v, ...)``: attention with the dense mask of
+    the selected blocks (see :func:`selection_mask`).
+
+    Args:
+        window: W >= 1, the Local window every query keeps.
+        block: Bk >= 1, keys per key block and queries per query block.
+        topk: K >= 0, key blocks chosen per query block beyond the window and sinks.
+        sinks: s >= 0, leading keys always kept (as ceil(s/Bk) whole blocks).
+        score: how a query block scores a key block: "mean" (the Quest bound of its
+            mean query, O((N/Bk)²·D), default: lower error on the tests' inputs) or
+            "max" (the max of its queries' bounds, O(N·(N/Bk)·D)).
+
+    References:
+        Tang et al. 2024 (Quest); Jiang et al. 2024 (MInference).
+    """
+
+    window: int = 512
+    block: int = 64
+    topk: int = 8
+    sinks: int = 0
+    score: str = "mean"
+
+    name: ClassVar[str] = "blocktopk"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exact=False, full_masks=False, dropout=False, double_backward=True, returns_weights=False
+    )
+
+    def __post_init__(self):
+        for field, low in (("window", 1), ("block", 1), ("topk", 0), ("sinks", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"BlockTopK({field}={value!r}): {field} must be an int >= {low}")
+        if self.score not in ("mean", "max"):
+            raise ValueError(f"BlockTopK(score={self.score!r}): score must be 'mean' or 'max'")
+
+    def layout(self, n: int, s: int, is_causal: bool) -> BlockLayout:
+        return BlockLayout(n, s, self.block, self.window, self.sinks, is_causal)
+
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
+        if inp.n == 0 or inp.s == 0:
+            return inp.q.new_zeros((*inp.q.shape[:-1], inp.dv)), None
+        q, k, v, _ = inp.grouped()
+        acc = compute_dtype(inp.dtype)
+        qs, k32, v32 = q.to(acc) * inp.scale, k.to(acc), v.to(acc)
+        layout = self.layout(inp.n, inp.s, inp.is_causal)
+        keep = inp.key_keep()
+        sel = select_blocks(qs, k32, keep, layout, self.topk, self.score)
+        out = _blocktopk(qs, k32, v32, keep, layout, sel)
+        return inp.ungroup(out).to(inp.dtype), None
+
+    def selection_flops(self, shape: Shape) -> float:
+        """The block scoring: two (rows x D) @ (D x nkb) products per head."""
+        lay = self.layout(shape.n, shape.s, shape.is_causal)
+        rows = lay.nqb if self.score == "mean" else shape.n
+        return 2.0 * shape.batch * shape.hq * rows * lay.nkb * 2 * shape.d
+
+    def flops(self, shape: Shape) -> float:
+        """Attention over the kept blocks, 2·B·Hq·(D + Dv)·(nqb·Bk)·(nwin + nsink + K)·Bk,
+        plus :meth:`selection_flops`, 2·B·Hq·(N/Bk)·(S/Bk)·2D."""
+        lay = self.layout(shape.n, shape.s, shape.is_causal)
+        slots = lay.nwin + lay.nsink + min(self.topk, lay.nkb)
+        attn = 2.0 * shape.batch * shape.hq * (shape.d + shape.dv) * lay.nqb * lay.bk * slots * lay.bk
+        return attn + self.selection_flops(shape)
+
+    def implied_weights(self, inp, state=None):
+        # Select in the inputs' own compute dtype (as forward does), then weigh in fp64.
+        keep = kept_keys(inp, self.layout(inp.n, inp.s, inp.is_causal), self.topk, self.score)
+        inp64 = AttentionInputs(inp.q.double(), inp.k.double(), inp.v.double(), combine_masks(inp.attn_mask, keep),
+                                0.0, inp.is_causal, inp.scale)
+        return math_attention(inp64, torch.float64, need_weights=True)[1]
