@@ -1,0 +1,17 @@
+"""Measuring pieces for benchmarks: wall-clock timing, peak memory in a fresh process,
+FLOP counts.  Nothing here runs on import."""
+
+from .flops import attention_flops
+from .memory import PeakMemory, measure_peak, peak_memory_here
+from .timing import Timing, forward_backward_closure, forward_closure, time_callable
+
+__all__ = [
+    "PeakMemory",
+    "Timing",
+    "attention_flops",
+    "forward_backward_closure",
+    "forward_closure",
+    "measure_peak",
+    "peak_memory_here",
+    "time_callable",
+]

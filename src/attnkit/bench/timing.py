@@ -1,0 +1,206 @@
+"""Wall-clock timing of one callable with ``torch.utils.benchmark``.
+
+:func:`time_callable` warms the callable up, then lets
+``torch.utils.benchmark.Timer.blocked_autorange`` run it in blocks (it synchronises
+CUDA and picks a block size that makes the timer's own overhead negligible) for long
+enough to collect about ``repeats`` blocks, and reports the median and interquartile
+range of the per-call time.  On a shared machine the numbers are only as good as the
+machine is quiet, so every :class:`Timing` also says how much of the machine's CPU
+other processes used while it was measured (Linux; see :func:`other_cpu_load`), and
+:func:`wait_for_quiet` lets a sweep wait for a quiet moment.  The closures below are what the benchmarks time: a
+forward pass under ``torch.no_grad()``, or a forward and backward pass whose
+gradients are dropped afterwards so that every call allocates them afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.benchmark import Timer
+
+__all__ = [
+    "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
+]
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call times of one callable, in seconds.
+
+    Attributes:
+        median: median over the measured blocks of (block time / calls per block).
+        iqr: interquartile range of the same.
+        times: every measured block's per-call time.
+        number_per_block: calls in each measured block (1 for anything slower than ~10 ms).
+        warmup: unmeasured calls made first (the block-size estimate adds at least one more).
+        other_load: fraction of the machine's CPU capacity (all cores) that *other*
+            processes used while the blocks were measured; None where unknown.  On a
+            machine with few cores even 0.1 can slow a multi-threaded call a lot.
+    """
+
+    median: float
+    iqr: float
+    times: tuple[float, ...]
+    number_per_block: int
+    warmup: int
+    other_load: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_callable(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_run_time: float = 0.2,
+    num_threads: int | None = None,
+    label: str = "",
+) -> Timing:
+    """Time ``fn()``: warm-up, then ``Timer.blocked_autorange``.
+
+    Args:
+        fn: the zero-argument callable to time (e.g. from :func:`forward_closure`).
+        warmup: calls made before measuring (first-call costs: allocator growth,
+            kernel selection, lazy initialisation).
+        repeats: about how many measured blocks to collect for a slow callable; a fast
+            one gets as many as fit in ``min_run_time``.
+        min_run_time: least total measured time, in seconds.
+        num_threads: torch intra-op threads while timing (default: the current setting).
+        label: a name for the measurement (shown by torch's ``Measurement``).
+
+    Returns:
+        A :class:`Timing` with a positive median.
+
+    Raises:
+        ValueError: ``warmup < 0`` or ``repeats < 1``.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"time_callable: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    estimate = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        estimate = time.perf_counter() - start
+    # blocked_autorange keeps measuring until min_run_time has passed; asking for a
+    # little less than `repeats` calls' worth stops it after about `repeats` blocks of
+    # a slow callable instead of after one.
+    run_time = max(min_run_time, (repeats - 0.5) * estimate)
+    timer = Timer(
+        stmt="fn()",
+        globals={"fn": fn},
+        num_threads=torch.get_num_threads() if num_threads is None else num_threads,
+        label=label,
+    )
+    before = _cpu_snapshot()
+    m = timer.blocked_autorange(min_run_time=run_time)
+    return Timing(
+        median=float(m.median),
+        iqr=float(m.iqr),
+        times=tuple(float(t) for t in m.times),
+        number_per_block=int(m.number_per_run),
+        warmup=warmup,
+        other_load=_other_load(before, _cpu_snapshot()),
+    )
+
+
+def pool(timings: list[Timing]) -> Timing:
+    """One :class:`Timing` from several measurements of the same callable (e.g. taken in
+    rounds, so that a slow spell of the machine does not land on one case only): the
+    median and IQR of all their blocks together; ``other_load`` is the largest."""
+    if not timings:
+        raise ValueError("pool: no timings")
+    times = [t for timing in timings for t in timing.times]
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    loads = [t.other_load for t in timings if t.other_load is not None]
+    return Timing(
+        median=statistics.median(times),
+        iqr=q3 - q1,
+        times=tuple(times),
+        number_per_block=max(t.number_per_block for t in timings),
+        warmup=sum(t.warmup for t in timings),
+        other_load=max(loads) if loads else None,
+    )
+
+
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall s, CPU seconds the whole machine was busy, CPU seconds of this process)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest is inside user
+    t = os.times()
+    return time.monotonic(), busy, t.user + t.system
+
+
+def _other_load(a, b) -> float | None:
+    if a is None or b is None or b[0] <= a[0]:
+        return None
+    capacity = (b[0] - a[0]) * (os.cpu_count() or 1)
+    return min(1.0, max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / capacity))
+
+
+def other_cpu_load(interval: float = 1.0) -> float | None:
+    """Fraction of the machine's CPU capacity used by other processes over ``interval`` s.
+
+    Read from ``/proc/stat`` (Linux; None elsewhere), minus this process's own CPU time;
+    the clock tick (usually 10 ms) limits its resolution.
+    """
+    a = _cpu_snapshot()
+    time.sleep(interval)
+    return _other_load(a, _cpu_snapshot())
+
+
+def wait_for_quiet(threshold: float = 0.25, max_wait: float = 30.0, interval: float = 1.0) -> float | None:
+    """Sleep until other processes use at most ``threshold`` of the CPU, or ``max_wait`` s pass.
+
+    Returns the last load measured (None where it cannot be measured).
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        load = other_cpu_load(interval)
+        if load is None or load <= threshold or time.monotonic() >= deadline:
+            return load
+
+
+def forward_closure(attn: AttentionFn, q: Tensor, k: Tensor, v: Tensor) -> Callable[[], None]:
+    """``attn(q, k, v)`` under ``torch.no_grad()`` (inference); the output is dropped on return."""
+
+    def run() -> None:
+        with torch.no_grad():
+            attn(q, k, v)
+
+    return run
+
+
+def forward_backward_closure(
+    attn: AttentionFn, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor
+) -> Callable[[], None]:
+    """Forward, then backward of ``grad_out`` into q, k, v (leaves with requires_grad).
+
+    The gradients are set to None after each call so that the next call allocates them
+    again instead of accumulating (an extra read-modify-write the caller would not pay).
+    """
+    leaves = [t for t in (q, k, v) if t.requires_grad]
+    if not leaves:
+        raise ValueError("forward_backward_closure: none of q, k, v requires grad; nothing to differentiate")
+
+    def run() -> None:
+        out = attn(q, k, v)
+        out.backward(grad_out)
+        for t in leaves:
+            t.grad = None
+
+    return run

@@ -1,0 +1,171 @@
+"""The measuring pieces of attnkit.bench: memory probe, timing, FLOPs, and the exact
+benchmark's handling of skipped cases."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnkit.bench import attention_flops, forward_backward_closure, forward_closure, measure_peak, peak_memory_here
+from attnkit.bench.timing import time_callable
+
+MiB = 2**20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- factories for the fresh-process probe (module level: the child imports them) ------
+
+
+def alloc_free_case(nbytes: int):
+    def run():
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+
+    return run
+
+
+def two_overlapping_case(nbytes: int):
+    """Peak is 1.5x nbytes: a lives while b (half) is allocated, then both go."""
+
+    def run():
+        a = torch.ones(nbytes // 4, dtype=torch.float32)
+        b = torch.ones(nbytes // 8, dtype=torch.float32)
+        del a, b
+        c = torch.ones(nbytes // 8, dtype=torch.float32)  # below the earlier peak
+        del c
+
+    return run
+
+
+def keep_case(nbytes: int):
+    """Retains what it allocates (a cache the call keeps alive)."""
+    kept = []
+
+    def run():
+        kept.append(torch.ones(nbytes, dtype=torch.uint8))
+
+    return run
+
+
+def raising_case():
+    raise RuntimeError("factory failed on purpose")
+
+
+def dying_case():
+    os._exit(3)
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def test_fresh_process_probe_sees_a_known_allocation():
+    res = measure_peak(alloc_free_case, 64 * MiB, timeout=120)
+    assert res.ok, res.error
+    assert res.probe == "profiler"
+    assert res.peak_bytes == pytest.approx(64 * MiB, rel=0.02)
+    assert abs(res.retained_bytes) < MiB
+
+
+def test_probe_takes_the_high_water_mark_not_the_sum():
+    res = measure_peak(two_overlapping_case, 64 * MiB, timeout=120)
+    assert res.ok, res.error
+    assert res.peak_bytes == pytest.approx(96 * MiB, rel=0.02)
+
+
+def test_in_process_probe_counts_retained_memory_and_not_inputs():
+    x = torch.randn(4 * MiB)  # an input: allocated before, must not count
+    res = peak_memory_here(forward_closure(lambda q, k, v: q * 2, x, x, x))
+    assert res.peak_bytes == pytest.approx(x.nbytes, rel=0.02)  # the output only
+    kept = peak_memory_here(keep_case(8 * MiB))
+    assert kept.retained_bytes == pytest.approx(8 * MiB, rel=0.02)
+
+
+def test_fresh_process_failures_are_reported_not_raised():
+    raised = measure_peak(raising_case, timeout=120)
+    assert not raised.ok and raised.peak_bytes is None
+    assert "factory failed on purpose" in raised.error
+    died = measure_peak(dying_case, timeout=120)
+    assert not died.ok and "exited with code 3" in died.error
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the rss probe reads /proc")
+def test_rss_fallback_sees_a_known_allocation():
+    res = measure_peak(alloc_free_case, 64 * MiB, probe="rss", timeout=120)
+    assert res.ok, res.error
+    assert 0.95 * 64 * MiB <= res.peak_bytes <= 1.25 * 64 * MiB  # page rounding, malloc overhead
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+def test_timing_returns_positive_median_and_iqr():
+    t = time_callable(lambda: torch.randn(256, 256) @ torch.randn(256, 256), warmup=1, repeats=3, min_run_time=0.05)
+    assert t.median > 0 and t.iqr >= 0
+    assert len(t.times) >= 1 and t.number_per_block >= 1
+    assert t.other_load is None or 0.0 <= t.other_load <= 1.0
+
+
+def test_forward_backward_closure_runs_backward_and_drops_grads():
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))  # (B, H, N, D)
+    seen = []
+
+    def attn(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.register_hook(lambda g: seen.append(g.shape))
+        return out
+
+    forward_backward_closure(attn, q, k, v, torch.ones(1, 2, 8, 4))()
+    assert seen == [torch.Size([1, 2, 8, 4])]
+    assert q.grad is None and k.grad is None and v.grad is None
+    with pytest.raises(ValueError, match="requires grad"):
+        forward_backward_closure(attn, *(t.detach() for t in (q, k, v)), torch.ones(1, 2, 8, 4))
+
+
+# -- FLOPs ------------------------------------------------------------------------------------
+
+
+def test_flops_formula():
+    fwd = attention_flops(2, 3, 5, 7, 11)
+    assert fwd == 4 * 2 * 3 * 5 * 7 * 11
+    assert attention_flops(2, 3, 5, 7, 11, causal=True) == fwd / 2
+    assert attention_flops(2, 3, 5, 7, 11, mode="bwd") == 2.5 * fwd
+    assert attention_flops(2, 3, 5, 7, 11, mode="fwd_bwd") == 3.5 * fwd
+    assert attention_flops(1, 1, 4, 4, 8, dv=16) == 2 * 4 * 4 * (8 + 16)
+    with pytest.raises(ValueError, match="mode"):
+        attention_flops(1, 1, 1, 1, 1, mode="backward")
+
+
+# -- the exact benchmark's skipped cases ---------------------------------------------------
+
+
+def _load_bench_script():
+    spec = importlib.util.spec_from_file_location("bench_exact", ROOT / "benchmarks" / "bench_exact.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cases_over_the_memory_budget_are_listed_as_skipped_with_the_projection(tmp_path):
+    bench = _load_bench_script()
+    budget_gib = 1e-4  # ~100 KiB: every case is over it, so nothing is run
+    assert bench.main(["--n", "1024", "--methods", "naive", "tiled", "--mem-budget-gib", str(budget_gib),
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "exact_cpu.json").read_text())
+    rows = report["results"]
+    assert len(rows) == 4  # 2 methods x (fwd, fwd_bwd): none silently dropped
+    for row in rows:
+        assert row["status"] == "skipped"
+        assert row["projected_bytes"] > budget_gib * 2**30
+        assert "projected peak" in row["reason"] and "budget" in row["reason"]
+    naive_fb = next(r for r in rows if (r["method"], r["mode"]) == ("naive", "fwd_bwd"))
+    assert naive_fb["projected_bytes"] >= 3 * 8 * 1024 * 1024 * 4  # three (H, N, N) fp32 matrices
+    text = (tmp_path / "exact_cpu.md").read_text()
+    assert "naive fwd_bwd N=1024: skipped: projected peak" in text
+    assert all(t["met"] is None for t in report["targets"])  # nothing measured, nothing claimed
