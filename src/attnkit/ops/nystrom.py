@@ -72,11 +72,12 @@ def newton_schulz_pinv(a: Tensor, iters: int) -> Tensor:
     alpha = torch.where(denom > 0, 1.0 / denom.clamp(min=1e-30), 0.0)
     z = a.transpose(-1, -2) * alpha[:, None, None]  # (B*, m', m)
     eye = torch.eye(m, dtype=a.dtype, device=a.device)  # (m, m)
+    eye_7, eye_15, eye_13_4 = 7 * eye, 15 * eye, 3.25 * eye
     for _ in range(iters):
         x = torch.bmm(a, z)  # A Z: (B*, m, m)
-        t = 7 * eye - x
-        t = torch.baddbmm(15 * eye, x, t, alpha=-1)  # 15 I - X (7 I - X)
-        t = torch.baddbmm(3.25 * eye, x, t, alpha=-0.25)  # (13 I - X (...)) / 4
+        t = eye_7 - x
+        t = torch.baddbmm(eye_15, x, t, alpha=-1)  # 15 I - X (7 I - X)
+        t = torch.baddbmm(eye_13_4, x, t, alpha=-0.25)  # (13 I - X (...)) / 4
         z = torch.bmm(z, t)
     z = z.reshape(*lead, m2, m)
     return z
@@ -197,13 +198,14 @@ class Nystrom(Method):
         else:
             qt, _ = segment_means(q, None, m)  # (*b, Hkv, G, m, D)
             kt, count = segment_means(k, keep, m)  # (*b, Hkv, G|1, m, D)
-            lm_keep = _landmark_keep(count)  # (m,) or (*b', Hkv|1, G|1, m)
-            lm_bias = torch.where(lm_keep, 0.0, NEG_INF).to(ct)  # (m,) or (*b', Hkv|1, G|1, m)
-            a = safe_softmax(qt @ kt.transpose(-1, -2) * inp.scale + lm_bias[..., None, :])  # (*b, Hkv, G, m, m)
+            lm_bias = None  # -inf for landmarks without keys
+            a = qt @ kt.transpose(-1, -2) * inp.scale  # (*b, Hkv, G, m, m)
+            if keep is not None:
+                lm_bias = torch.where(_landmark_keep(count), 0.0, NEG_INF).to(ct)  # (*b', Hkv|1, G|1, m)
+                a = a + lm_bias[..., None, :]
+            a = safe_softmax(a) if keep is not None else torch.softmax(a, dim=-1)
             bv = grouped_sdpa(qt, k, v, _exact_rows(keep), inp.scale)  # B V: (*b, Hkv, G, m, Dv)
             w = newton_schulz_pinv(a, self.iters) @ bv  # (*b, Hkv, G, m, Dv)
-            if lm_bias.dim() == 1:
-                lm_bias = lm_bias.view((1,) * (q.dim() - 3) + (1, -1))  # (1.., 1, 1, m)
             # F·W: queries against the key landmarks, with W as the values; W differs per
             # query head, so the landmarks are given per query head.
             out = grouped_sdpa(q, kt.expand(*w.shape[:-2], *kt.shape[-2:]), w, lm_bias, inp.scale)
