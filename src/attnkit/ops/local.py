@@ -36,7 +36,7 @@ from .tiled import _mask_tile, compute_dtype
 __all__ = ["Local", "LocalPattern", "BandStats", "local_mask", "naive_local", "local_band_stats"]
 
 NEG_INF = float("-inf")
-_TILE_TARGET = 1 << 17  # scores per block below which Python overhead dominates
+_CHUNK_SCORES = 1 << 18  # scores per batched chunk of blocks (measured: larger is slower on CPU)
 
 
 @dataclass(frozen=True)
@@ -109,21 +109,6 @@ class LocalPattern:
         # The keys every row's window holds: [latest start, earliest end).
         return self.start(i1 - 1) <= j0 and j1 <= self.end(i0)
 
-    def relative_key(self, blk: Block) -> tuple[int, int, int] | None:
-        """A cache key for the block's positional mask when it depends only on j - i:
-        one key range, away from the sequence ends, the prefix and the global rows."""
-        if len(blk.segments) != 1:
-            return None
-        (lo, hi), i0, i1 = blk.segments[0], blk.i0, blk.i1
-        if lo < self.prefix or i0 < self.global_tokens:
-            return None
-        if self.causal:
-            interior = lo == i0 - self.window + 1 and hi == i1
-        else:
-            h = self.window // 2
-            interior = lo == i0 - h and self.start(i1 - 1) == i1 - 1 - h and hi == i1 - 1 - h + self.window
-        return (i0 - lo, i1 - i0, hi - lo) if interior else None
-
     def rows_may_be_empty(self, i0: int, i1: int) -> bool:
         """Some query of [i0, i1) may see no key at all (causal rows past S + W - 1)."""
         return self.s == 0 or (self.causal and self.prefix == 0 and i1 - 1 >= self.s + self.window - 1 and i1 > self.global_tokens)
@@ -170,15 +155,13 @@ def plan_blocks(p: LocalPattern, block: int, global_rows: int) -> list[Block]:
     return blocks
 
 
-def choose_block(lead: int, window: int, block: int | None) -> int:
-    """Query rows per block: 64 (the fastest measured for W=512 on CPU) unless the score
-    tile would then be so small that Python overhead dominates; then up to 512."""
+def choose_block(window: int, block: int | None) -> int:
+    """Query rows per block: 64 (the fastest measured for W=512 on CPU), down to 16 for
+    small windows, whose blocks would otherwise score mostly masked keys.  Small blocks
+    cost no Python overhead: consecutive blocks run as one batched computation."""
     if block is not None:
         return block
-    b = 64
-    while b < 512 and lead * b * (window + b) < _TILE_TARGET:
-        b *= 2
-    return b
+    return min(64, max(16, window))
 
 
 def local_mask(
@@ -246,94 +229,196 @@ class BandStats(NamedTuple):
     acc: Tensor
 
 
-def _block_inputs(k: Tensor, v: Tensor, mask: Tensor | None, blk: Block) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Keys, values and the mask tile of one block; two key ranges are concatenated."""
-    ks = [k[..., j0:j1, :] for j0, j1 in blk.segments]
-    vs = [v[..., j0:j1, :] for j0, j1 in blk.segments]
-    ms = [_mask_tile(mask, blk.i0, blk.i1, j0, j1) for j0, j1 in blk.segments] if mask is not None else None
-    if len(ks) == 1:
-        return ks[0], vs[0], ms[0] if ms else None
-    if ms and mask.shape[-1] == 1:  # broadcast along keys: any tile will do
-        return torch.cat(ks, -2), torch.cat(vs, -2), ms[0]
-    return torch.cat(ks, -2), torch.cat(vs, -2), torch.cat(ms, -1) if ms else None
+class _Part(NamedTuple):
+    """One group of keys a query block is scored against: k (…, L, D), v (…, L, Dv), and
+    ``keep`` (bool, True = attend) / ``bias`` (float, added) broadcastable to the
+    (…, rows, L) score tile, or None."""
+
+    k: Tensor
+    v: Tensor
+    keep: Tensor | None
+    bias: Tensor | None
 
 
-def _attend_block(
-    qs_i: Tensor, k_b: Tensor, v_b: Tensor, keep: Tensor | None, mtile: Tensor | None,
-    may_be_empty: bool, stats: bool,
-) -> Tensor | BandStats:
-    """softmax(qs_i k_b^T masked) v_b for one block, in one fused softmax.
+def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, stats: bool) -> Tensor | BandStats:
+    """softmax over the keys of all ``parts`` at once (one fused softmax), times their values.
 
-    keep: positional bool tile (bq, bk) or None (all visible); mtile: the user mask
-    tile (bool or additive float) or None.  Rows with no visible key give zeros: their
-    scores are unmasked before the softmax (so no NaN reaches autograd) and the output
-    zeroed after.
+    qs_i (…, rows, D) is scaled.  Rows with no visible key give zeros: their scores are
+    unmasked before the softmax (so no NaN reaches autograd) and their output zeroed.
+    Returns (…, rows, Dv), or the rows' :class:`BandStats` when ``stats``.
     """
-    sc = torch.matmul(qs_i, k_b.transpose(-1, -2))  # (*lead, bq, bk)
-    visible = keep
-    if mtile is not None:
-        if mtile.dtype == torch.bool:
-            visible = mtile if visible is None else visible & mtile
-        else:
-            sc.add_(mtile.to(sc.dtype))
-            finite = mtile != NEG_INF
+    scores, row_ok = [], None
+    for part in parts:
+        sc = torch.matmul(qs_i, part.k.transpose(-1, -2))  # (…, rows, L)
+        visible = part.keep
+        if part.bias is not None:
+            sc.add_(part.bias)
+            finite = part.bias != NEG_INF
             visible = finite if visible is None else visible & finite
-    if visible is not None:
-        sc.masked_fill_(~visible, NEG_INF)
-    row_ok = None
-    if may_be_empty and visible is not None:  # (visible None: every row sees every key)
-        row_ok = visible.any(dim=-1, keepdim=True)  # (*lead', bq, 1)
+        if visible is not None:
+            sc.masked_fill_(~visible, NEG_INF)
+        if may_be_empty:
+            any_ok = visible.any(dim=-1, keepdim=True) if visible is not None else torch.ones((), dtype=torch.bool, device=sc.device)
+            row_ok = any_ok if row_ok is None else row_ok | any_ok
+        scores.append(sc)
+    sc = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    if row_ok is not None:
         sc.masked_fill_(~row_ok, 0.0)
-    out = torch.matmul(torch.softmax(sc, dim=-1), v_b)  # (*lead, bq, Dv)
+    p = torch.softmax(sc, dim=-1)
+    out, off = None, 0
+    for part in parts:
+        width = part.k.shape[-2]
+        o = torch.matmul(p if len(parts) == 1 else p[..., off : off + width], part.v)  # (…, rows, Dv)
+        out = o if out is None else out + o
+        off += width
     if row_ok is not None:
         out = out * row_ok
     if not stats:
         return out
-    lse = torch.logsumexp(sc, dim=-1)  # (*lead, bq)
+    lse = torch.logsumexp(sc, dim=-1)  # (…, rows)
     m = lse.detach()
     l = torch.exp(lse - m)
     if row_ok is not None:
         ok = row_ok.squeeze(-1).expand_as(lse)
-        m = torch.where(ok, m, 0.0)
-        l = torch.where(ok, l, 0.0)
+        m, l = torch.where(ok, m, 0.0), torch.where(ok, l, 0.0)
     return BandStats(m, l, out * l[..., None])
+
+
+def _user_parts(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor | None, Tensor | None]:
+    """The user mask's (keep, bias) tile for rows [i0, i1) and keys [j0, j1)."""
+    mt = _mask_tile(mask, i0, i1, j0, j1)
+    if mt is None:
+        return None, None
+    return (mt, None) if mt.dtype == torch.bool else (None, mt)
+
+
+def _band(block: int, window: int, device: torch.device) -> Tensor:
+    """Bool (block, window + block - 1): row r keeps columns r .. r + window - 1."""
+    d = torch.arange(window + block - 1, device=device)[None, :] - torch.arange(block, device=device)[:, None]
+    return (d >= 0) & (d < window)
+
+
+class _Runner:
+    """Runs the block plan: uniform interior blocks in chunks over strided views, the
+    others (sequence ends, prefix overlap, global rows, full masks) one at a time."""
+
+    def __init__(self, qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, stats: bool):
+        self.qs, self.k, self.v, self.mask, self.p, self.block, self.stats = qs, k, v, mask, p, block, stats
+        self.lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+        self.cache: dict[tuple[int, int, int], Tensor] = {}
+        self.key_padding = mask is None or mask.shape[-2] == 1
+        width = p.window + block - 1 + p.prefix
+        self.chunk = max(1, _CHUNK_SCORES // max(1, math.prod(self.lead) * block * width))
+
+    def uniform(self, blk: Block) -> bool:
+        """Full size, window away from both ends and the prefix: the shared relative band."""
+        p, (i0, i1) = self.p, (blk.i0, blk.i1)
+        if not self.key_padding or i1 - i0 != self.block or not blk.segments:
+            return False
+        lo, hi = blk.segments[-1]
+        if blk.segments[:-1] != (((0, p.prefix),) if p.prefix else ()) or lo <= p.prefix and p.prefix > 0:
+            return False
+        off = -(p.window - 1) if p.causal else -(p.window // 2)
+        if lo != i0 + off or hi != lo + p.window + self.block - 1 or lo < 0 or hi > p.s:
+            return False
+        return p.causal or p.start(i1 - 1) == i1 - 1 + off
+
+    def segment_keep(self, i0: int, i1: int, j0: int, j1: int) -> Tensor | None:
+        p = self.p
+        if p.all_visible(i0, i1, j0, j1):
+            return None
+        relative = j0 >= p.prefix and i0 >= p.global_tokens and (
+            p.causal or (p.start(i0) == i0 - p.window // 2 and p.start(i1 - 1) == i1 - 1 - p.window // 2))
+        key = (i0 - j0, i1 - i0, j1 - j0)
+        if relative and key in self.cache:
+            return self.cache[key]
+        dev = self.qs.device
+        keep = p.keep(torch.arange(i0, i1, device=dev), torch.arange(j0, j1, device=dev))
+        if relative:
+            self.cache[key] = keep
+        return keep
+
+    def single(self, blk: Block) -> Tensor | BandStats:
+        i0, i1 = blk.i0, blk.i1
+        parts = []
+        for j0, j1 in blk.segments:
+            keep = self.segment_keep(i0, i1, j0, j1)
+            ukeep, bias = _user_parts(self.mask, i0, i1, j0, j1)
+            if ukeep is not None:
+                keep = ukeep if keep is None else keep & ukeep
+            parts.append(_Part(self.k[..., j0:j1, :], self.v[..., j0:j1, :], keep, bias))
+        may_be_empty = self.mask is not None or self.p.rows_may_be_empty(i0, i1)
+        return _attend(self.qs[..., i0:i1, :], parts, may_be_empty, self.stats)
+
+    def run(self, blks: list[Block]) -> Tensor | BandStats:
+        """C consecutive uniform blocks as one (…, C, block, ·) computation."""
+        p, bq, c = self.p, self.block, len(blks)
+        i0, lo = blks[0].i0, blks[0].segments[-1][0]
+        wk = p.window + bq - 1
+        span = (c - 1) * bq + wk
+        qc = self.qs[..., i0 : i0 + c * bq, :].unflatten(-2, (c, bq))  # (…, C, bq, D)
+        kw = self.k[..., lo : lo + span, :].unfold(-2, wk, bq).transpose(-1, -2)  # (…, C, wk, D): a view
+        vw = self.v[..., lo : lo + span, :].unfold(-2, wk, bq).transpose(-1, -2)  # (…, C, wk, Dv)
+        key = ("band", bq, p.window)
+        band = self.cache.get(key)
+        if band is None:
+            band = self.cache[key] = _band(bq, p.window, self.qs.device)
+        keep, bias = band, None
+        m = self.mask
+        if m is not None:  # key padding / per-key bias (…', 1, S): windows of it, (…', C, 1, wk)
+            mw = m[..., 0, lo : lo + span].unfold(-1, wk, bq).unsqueeze(-2)
+            keep, bias = (keep & mw, None) if m.dtype == torch.bool else (keep, mw)
+        parts = [_Part(kw, vw, keep, bias)]
+        if p.prefix:
+            ukeep, ubias = _user_parts(m, 0, 1, 0, p.prefix)
+            parts.insert(0, _Part(self.k[..., None, : p.prefix, :], self.v[..., None, : p.prefix, :],
+                                  None if ukeep is None else ukeep.unsqueeze(-3),
+                                  None if ubias is None else ubias.unsqueeze(-3)))
+        res = _attend(qc, parts, m is not None, self.stats)
+        if self.stats:
+            return BandStats(res.m.flatten(-2), res.l.flatten(-2), res.acc.flatten(-3, -2))
+        return res.flatten(-3, -2)  # (…, C·bq, Dv)
+
+    def __call__(self) -> Tensor | BandStats:
+        p, qs, v = self.p, self.qs, self.v
+        global_rows = max(1, 4 * _CHUNK_SCORES // max(1, math.prod(self.lead) * max(p.s, 1)))
+        outs, pending = [], []
+
+        def flush():
+            if pending:
+                outs.append(self.run(pending))
+                pending.clear()
+
+        for blk in plan_blocks(p, self.block, global_rows):
+            if self.uniform(blk):
+                if len(pending) == self.chunk:
+                    flush()
+                pending.append(blk)
+                continue
+            flush()
+            if not blk.segments:
+                rows = blk.i1 - blk.i0
+                zeros = qs.new_zeros((*self.lead, rows))
+                dv = qs.new_zeros((*self.lead, rows, v.shape[-1]))
+                outs.append(BandStats(zeros, zeros, dv) if self.stats else dv)
+            else:
+                outs.append(self.single(blk))
+        flush()
+        if not outs:  # N == 0
+            zeros = qs.new_zeros((*self.lead, 0))
+            dv = qs.new_zeros((*self.lead, 0, v.shape[-1]))
+            return BandStats(zeros, zeros, dv) if self.stats else dv
+        if self.stats:
+            return BandStats(*(torch.cat([o[f] for o in outs], dim=-1 if f < 2 else -2) for f in range(3)))
+        return torch.cat(outs, dim=-2)
 
 
 def _local_blocks(
     qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, stats: bool
 ) -> Tensor | BandStats:
-    """The block loop.  qs (*lead, N, D) scaled, k (*lead', S, D), v (*lead', S, Dv), all in
-    the compute dtype; mask broadcastable to (*lead, N, S) or None."""
-    lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
-    global_rows = max(1, _TILE_TARGET * 8 // max(1, math.prod(lead) * max(p.s, 1)))
-    cache: dict[tuple[int, int, int], Tensor] = {}
-    outs: list[Tensor | BandStats] = []
-    for blk in plan_blocks(p, block, global_rows):
-        i0, i1 = blk.i0, blk.i1
-        qs_i = qs[..., i0:i1, :]
-        if not blk.segments:
-            zeros = qs.new_zeros((*lead, i1 - i0))
-            outs.append(BandStats(zeros, zeros, qs.new_zeros((*lead, i1 - i0, v.shape[-1])))
-                        if stats else qs.new_zeros((*lead, i1 - i0, v.shape[-1])))
-            continue
-        k_b, v_b, mtile = _block_inputs(k, v, mask, blk)
-        keep = None
-        if not all(p.all_visible(i0, i1, j0, j1) for j0, j1 in blk.segments):
-            key = p.relative_key(blk)
-            keep = cache.get(key) if key is not None else None
-            if keep is None:
-                cols = torch.cat([torch.arange(j0, j1, device=qs.device) for j0, j1 in blk.segments])
-                keep = p.keep(torch.arange(i0, i1, device=qs.device), cols)
-                if key is not None:
-                    cache[key] = keep
-        may_be_empty = mask is not None or p.rows_may_be_empty(i0, i1)
-        outs.append(_attend_block(qs_i, k_b, v_b, keep, mtile, may_be_empty, stats))
-    if not outs:  # N == 0
-        empty = qs.new_zeros((*lead, 0))
-        return BandStats(empty, empty, qs.new_zeros((*lead, 0, v.shape[-1]))) if stats else qs.new_zeros((*lead, 0, v.shape[-1]))
-    if stats:
-        return BandStats(*(torch.cat([o[f] for o in outs], dim=-1 if f < 2 else -2) for f in range(3)))
-    return torch.cat(outs, dim=-2)
+    """qs (*lead, N, D) scaled, k (*lead', S, D), v (*lead', S, Dv), all in the compute
+    dtype; mask broadcastable to (*lead, N, S) or None."""
+    return _Runner(qs, k, v, mask, p, block, stats)()
 
 
 def local_band_stats(
@@ -357,8 +442,7 @@ def local_band_stats(
         fp64 for fp64 inputs.  The band's output is ``acc / l`` (0 where l = 0).
     """
     acc = compute_dtype(q.dtype)
-    lead = math.prod(torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]))
-    b = choose_block(lead, pattern.window, block)
+    b = choose_block(pattern.window, block)
     return _local_blocks(q.to(acc) * scale, k.to(acc), v.to(acc), mask, pattern, b, stats=True)
 
 
@@ -388,7 +472,7 @@ class Local(Method):
         window: W >= 1, keys per query in its window.
         global_tokens: G >= 0, leading positions that attend everywhere and are seen by all.
         sinks: s >= 0, leading keys every query sees.
-        block: queries per block (None: 64, larger for small batch·heads).
+        block: queries per block (None: 64, down to 16 for windows under 64).
 
     References:
         Beltagy et al. 2020 (Longformer); Zaheer et al. 2020 (BigBird); Xiao et al. 2024
@@ -420,8 +504,7 @@ class Local(Method):
     def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         q, k, v, mask = inp.grouped()
         acc = compute_dtype(inp.dtype)
-        lead = math.prod(inp.batch_shape) * inp.hq
-        block = choose_block(lead, self.window, self.block)
+        block = choose_block(self.window, self.block)
         out = _local_blocks(q.to(acc) * inp.scale, k.to(acc), v.to(acc), mask, self.pattern(inp.n, inp.s, inp.is_causal),
                             block, stats=False)
         return inp.ungroup(out).to(inp.dtype), None
@@ -429,7 +512,7 @@ class Local(Method):
     def flops(self, shape: Shape) -> float:
         """2·B·Hq·(D + Dv)·(pairs scored): every block's rows times the keys it gathers."""
         p = self.pattern(shape.n, shape.s, shape.is_causal)
-        block = choose_block(shape.batch * shape.hq, self.window, self.block)
+        block = choose_block(self.window, self.block)
         pairs = sum((b.i1 - b.i0) * b.keys for b in plan_blocks(p, block, max(1, shape.n)))
         return 2.0 * shape.batch * shape.hq * pairs * (shape.d + shape.dv)
 
