@@ -373,3 +373,13 @@ def test_torch_compile_matches_eager(causal):
     state = m.make_state(4, 16).eval()
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert max_err(compiled(q, k, v, state), fn(q, k, v)) <= 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("n, s", [(0, 5), (5, 0), (0, 0)])
+def test_empty_lengths_give_zeros(n, s, causal):
+    q, k = torch.randn(1, 2, n, 4, requires_grad=True), torch.randn(1, 2, s, 4)
+    out = attnkit.attention(q, k, k, is_causal=causal, method=Performer(features=8))
+    assert out.shape == (1, 2, n, 4) and (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()

@@ -166,6 +166,8 @@ def positive_features(
             arg = arg.sub_(sq - sq.detach())
         return arg.exp_(), (m - sq).detach()
     logits = feature_logits(x, projection, scale, keep)  # (..., L, F)
+    if logits.shape[-2] == 0:  # no keys
+        return logits, logits.new_zeros((*logits.shape[:-2], 1, 1))
     shift = logits.detach().amax(dim=(-2, -1), keepdim=True)  # (..., 1, 1)
     shift = torch.where(shift == NEG_INF, 0.0, shift)  # no kept key: features are all 0 anyway
     return logits.sub_(shift + log_sqrt_f).exp_(), shift
@@ -280,24 +282,33 @@ class _KeyState:
         self.state = self.state + torch.matmul(phi_k.transpose(-1, -2), v1)  # (*lead, F, Dv+1)
 
 
+def _rows(x: Tensor | None, step: int, count: int) -> list:
+    """``x`` split into blocks of ``step`` rows along dim -2 (a size-1 dim broadcasts).
+
+    torch.split, not slicing in a loop: the backward of one slice writes into a zero
+    tensor as large as the whole input, which would make the backward O(N²/step).
+    """
+    if x is None or x.shape[-2] == 1:
+        return [x] * count
+    return list(x.split(step, dim=-2))
+
+
 def _favor_bidirectional(q: Tensor, k: Tensor, v1: Tensor, w: Tensor, scale: float, keep: Tensor | None) -> Tensor:
     """q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D), v1 = [v, 1] (*b, Hkv, 1, S, Dv+1),
     keep None or (*b', Hkv|1, G|1, S|1, 1).  Returns (*b, Hkv, G, N, Dv+1)."""
-    n, s, f = q.shape[-2], k.shape[-2], w.shape[0]
+    f = w.shape[0]
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
     keys = _KeyState(q, lead_k, f, v1.shape[-1])
     step = block_rows(math.prod(lead_k), f)
-    for j0 in range(0, s, step):
-        j1 = min(j0 + step, s)
-        kp = None if keep is None else keep[..., j0:j1, :] if keep.shape[-2] > 1 else keep
-        phi_k = keys.features(feature_logits(k[..., j0:j1, :], w, scale, kp), inplace=True)  # (*b, Hkv, G|1, Bk, F)
-        keys.absorb(phi_k, v1[..., j0:j1, :])
+    k_blocks = k.split(step, dim=-2) if k.shape[-2] else ()
+    for kb, vb, keepb in zip(k_blocks, v1.split(step, dim=-2), _rows(keep, step, len(k_blocks))):
+        phi_k = keys.features(feature_logits(kb, w, scale, keepb), inplace=True)  # (*b, Hkv, G|1, Bk, F)
+        keys.absorb(phi_k, vb)
     outs = []
-    step = block_rows(math.prod(q.shape[:-2]), f)
-    for i0 in range(0, n, step):
-        phi_q, _ = positive_features(q[..., i0 : i0 + step, :], w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
+    for qb in q.split(block_rows(math.prod(q.shape[:-2]), f), dim=-2):
+        phi_q, _ = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
         outs.append(torch.matmul(phi_q, keys.state))  # (*b, Hkv, G, Bq, Dv+1)
-    return torch.cat(outs, dim=-2) if outs else q.new_zeros((*q.shape[:-1], v1.shape[-1]))
+    return torch.cat(outs, dim=-2)
 
 
 def _favor_causal(
@@ -315,30 +326,33 @@ def _favor_causal(
     head, i.e. O(N·F) for C ~ Dv.  Never an N×F×D cumulative tensor.
     """
     n, s, f = q.shape[-2], min(q.shape[-2], k.shape[-2]), w.shape[0]
+    k, v1 = k[..., :s, :], v1[..., :s, :]
+    keep = keep[..., :s, :] if keep is not None and keep.shape[-2] > 1 else keep
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
     keys = _KeyState(q, lead_k, f, v1.shape[-1])
     step = block_rows(math.prod(q.shape[:-2]), f, multiple=chunk)
+    k_blocks = k.split(step, dim=-2) if s else ()
+    keep_blocks = _rows(keep, step, len(k_blocks))
+    v_chunks = v1.split(chunk, dim=-2)
     outs = []
-    for b0 in range(0, n, step):
-        b1 = min(b0 + step, n)
-        phi_q, _ = positive_features(q[..., b0:b1, :], w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
-        logits = None
-        if b0 < s:
-            kp = None if keep is None else keep[..., b0 : min(b1, s), :] if keep.shape[-2] > 1 else keep
-            logits = feature_logits(k[..., b0 : min(b1, s), :], w, scale, kp)  # (*b, Hkv, G|1, Bk, F)
-        for p0 in range(b0, b1, chunk):
-            p1, k1 = min(p0 + chunk, n), min(p0 + chunk, s)
-            qf = phi_q[..., p0 - b0 : p1 - b0, :]  # (*b, Hkv, G, Cq, F)
-            if p0 >= s:  # N > S: these queries see every key
+    for bi, qb in enumerate(q.split(step, dim=-2)):
+        phi_q, _ = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
+        k_chunks = ()
+        if bi < len(k_blocks):
+            logits = feature_logits(k_blocks[bi], w, scale, keep_blocks[bi])  # (*b, Hkv, G|1, Bk, F)
+            k_chunks = logits.split(chunk, dim=-2)
+        for ci, qf in enumerate(phi_q.split(chunk, dim=-2)):  # qf (*b, Hkv, G, Cq, F)
+            if ci >= len(k_chunks):  # N > S: these queries see every key
                 outs.append(torch.matmul(qf, keys.state))
                 continue
-            kf = keys.features(logits[..., p0 - b0 : k1 - b0, :], inplace=False)  # (*b, Hkv, G|1, Ck, F)
-            vc = v1[..., p0:k1, :]  # (*b, Hkv, 1, Ck, Dv+1)
+            p0 = bi * step + ci * chunk
+            kf = keys.features(k_chunks[ci], inplace=False)  # (*b, Hkv, G|1, Ck, F); split views: not in place
+            vc = v_chunks[p0 // chunk]  # (*b, Hkv, 1, Ck, Dv+1)
             a = torch.matmul(qf, kf.transpose(-1, -2))  # (*b, Hkv, G, Cq, Ck)
-            a = a.masked_fill(~causal_keep(p0, p1, p0, k1, a.device), 0.0)
+            a = a.masked_fill(~causal_keep(p0, p0 + qf.shape[-2], p0, p0 + kf.shape[-2], a.device), 0.0)
             outs.append(torch.matmul(qf, keys.state) + torch.matmul(a, vc))
             keys.absorb(kf, vc)
-    return torch.cat(outs, dim=-2) if outs else q.new_zeros((*q.shape[:-1], v1.shape[-1]))
+    return torch.cat(outs, dim=-2)
 
 
 # -- module state --------------------------------------------------------------------
