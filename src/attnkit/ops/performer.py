@@ -261,7 +261,9 @@ class _KeyState:
     """
 
     def __init__(self, like: Tensor, lead: tuple[int, ...], features: int, dv1: int):
-        self.state = like.new_zeros((*lead, features, dv1))  # (*lead, F, Dv+1)
+        # Held transposed, (Dv+1, F): [v, 1]^T @ φ(K) runs ~20% faster than φ(K)^T @ [v, 1]
+        # (MKL, Dv+1 = 65 columns), and the readout takes the transpose for free.
+        self.state_t = like.new_zeros((*lead, dv1, features))  # (*lead, Dv+1, F)
         self.m = like.new_full((*lead, 1, 1), NEG_INF)
         self.log_sqrt_f = 0.5 * math.log(features)
 
@@ -272,14 +274,19 @@ class _KeyState:
         autograd graph: in-place ops there bump a shared version counter)."""
         m_new = torch.maximum(self.m, logits.detach().amax(dim=(-2, -1), keepdim=True))
         m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)  # no kept key yet: any finite shift
-        self.state = self.state * torch.exp(self.m - m_safe)  # exp(-inf) = 0 while the state is empty
+        self.state_t = self.state_t * torch.exp(self.m - m_safe)  # exp(-inf) = 0 while the state is empty
         self.m = m_new
         if inplace:
             return logits.sub_(m_safe + self.log_sqrt_f).exp_()
         return torch.exp(logits - (m_safe + self.log_sqrt_f))
 
     def absorb(self, phi_k: Tensor, v1: Tensor) -> None:
-        self.state = self.state + torch.matmul(phi_k.transpose(-1, -2), v1)  # (*lead, F, Dv+1)
+        """Add keys: phi_k (*lead, L, F) from :meth:`features`, v1 = [v, 1] (*lead', L, Dv+1)."""
+        self.state_t = self.state_t + torch.matmul(v1.transpose(-1, -2), phi_k)  # (*lead, Dv+1, F)
+
+    def read(self, phi_q: Tensor) -> Tensor:
+        """φ(q) · Σ_j φ(k_j) [v_j, 1]: (*lead, L, F) -> (*lead, L, Dv+1)."""
+        return torch.matmul(phi_q, self.state_t.transpose(-1, -2))
 
 
 def _rows(x: Tensor | None, step: int, count: int) -> list:
@@ -293,28 +300,34 @@ def _rows(x: Tensor | None, step: int, count: int) -> list:
     return list(x.split(step, dim=-2))
 
 
-def _favor_bidirectional(q: Tensor, k: Tensor, v1: Tensor, w: Tensor, scale: float, keep: Tensor | None) -> Tensor:
-    """q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D), v1 = [v, 1] (*b, Hkv, 1, S, Dv+1),
-    keep None or (*b', Hkv|1, G|1, S|1, 1).  Returns (*b, Hkv, G, N, Dv+1)."""
-    f = w.shape[0]
+def _with_ones(v: Tensor) -> Tensor:
+    """[v, 1] (..., L, Dv+1): one product then gives numerator and normaliser.  Built per
+    block: a whole-sequence copy would be one more N-sized allocation (page faults)."""
+    return torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
+
+
+def _favor_bidirectional(q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None) -> Tensor:
+    """q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D), v (*b, Hkv, 1, S, Dv), keep None or
+    (*b', Hkv|1, G|1, S|1, 1).  Returns the normalised output (*b, Hkv, G, N, Dv)."""
+    f, dv = w.shape[0], v.shape[-1]
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
-    keys = _KeyState(q, lead_k, f, v1.shape[-1])
+    keys = _KeyState(q, lead_k, f, dv + 1)
     step = block_rows(math.prod(lead_k), f)
     k_blocks = k.split(step, dim=-2) if k.shape[-2] else ()
-    for kb, vb, keepb in zip(k_blocks, v1.split(step, dim=-2), _rows(keep, step, len(k_blocks))):
+    for kb, vb, keepb in zip(k_blocks, v.split(step, dim=-2), _rows(keep, step, len(k_blocks))):
         phi_k = keys.features(feature_logits(kb, w, scale, keepb), inplace=True)  # (*b, Hkv, G|1, Bk, F)
-        keys.absorb(phi_k, vb)
+        keys.absorb(phi_k, _with_ones(vb))
     outs = []
     for qb in q.split(block_rows(math.prod(q.shape[:-2]), f), dim=-2):
         phi_q, _ = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
-        outs.append(torch.matmul(phi_q, keys.state))  # (*b, Hkv, G, Bq, Dv+1)
+        outs.append(_safe_divide(keys.read(phi_q), dv))  # (*b, Hkv, G, Bq, Dv)
     return torch.cat(outs, dim=-2)
 
 
 def _favor_causal(
-    q: Tensor, k: Tensor, v1: Tensor, w: Tensor, scale: float, keep: Tensor | None, chunk: int
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, chunk: int
 ) -> Tensor:
-    """Chunked prefix sums; arguments as :func:`_favor_bidirectional`.
+    """Chunked prefix sums; arguments and result as :func:`_favor_bidirectional`.
 
     Query chunk [p0, p1) reads the state of keys < p0, plus the exact masked C×C block
     φ(Q_c) φ(K_c)^T against keys [p0, p1), then absorbs those keys.  Features are
@@ -325,33 +338,35 @@ def _favor_causal(
     all) and one (F, Dv+1) state per chunk (N·F·(Dv+1)/C): O(N·(F + C) + N·F·Dv/C) per
     head, i.e. O(N·F) for C ~ Dv.  Never an N×F×D cumulative tensor.
     """
-    n, s, f = q.shape[-2], min(q.shape[-2], k.shape[-2]), w.shape[0]
-    k, v1 = k[..., :s, :], v1[..., :s, :]
+    n, s, f, dv = q.shape[-2], min(q.shape[-2], k.shape[-2]), w.shape[0], v.shape[-1]
+    k, v = k[..., :s, :], v[..., :s, :]
     keep = keep[..., :s, :] if keep is not None and keep.shape[-2] > 1 else keep
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
-    keys = _KeyState(q, lead_k, f, v1.shape[-1])
+    keys = _KeyState(q, lead_k, f, dv + 1)
     step = block_rows(math.prod(q.shape[:-2]), f, multiple=chunk)
     k_blocks = k.split(step, dim=-2) if s else ()
     keep_blocks = _rows(keep, step, len(k_blocks))
-    v_chunks = v1.split(chunk, dim=-2)
+    v_blocks = v.split(step, dim=-2)
     outs = []
     for bi, qb in enumerate(q.split(step, dim=-2)):
         phi_q, _ = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, Bq, F)
-        k_chunks = ()
+        k_chunks = v_chunks = ()
         if bi < len(k_blocks):
             logits = feature_logits(k_blocks[bi], w, scale, keep_blocks[bi])  # (*b, Hkv, G|1, Bk, F)
             k_chunks = logits.split(chunk, dim=-2)
+            v_chunks = _with_ones(v_blocks[bi]).split(chunk, dim=-2)  # (*b, Hkv, 1, Ck, Dv+1) each
+        block_out = []
         for ci, qf in enumerate(phi_q.split(chunk, dim=-2)):  # qf (*b, Hkv, G, Cq, F)
             if ci >= len(k_chunks):  # N > S: these queries see every key
-                outs.append(torch.matmul(qf, keys.state))
+                block_out.append(keys.read(qf))
                 continue
             p0 = bi * step + ci * chunk
             kf = keys.features(k_chunks[ci], inplace=False)  # (*b, Hkv, G|1, Ck, F); split views: not in place
-            vc = v_chunks[p0 // chunk]  # (*b, Hkv, 1, Ck, Dv+1)
             a = torch.matmul(qf, kf.transpose(-1, -2))  # (*b, Hkv, G, Cq, Ck)
             a = a.masked_fill(~causal_keep(p0, p0 + qf.shape[-2], p0, p0 + kf.shape[-2], a.device), 0.0)
-            outs.append(torch.matmul(qf, keys.state) + torch.matmul(a, vc))
-            keys.absorb(kf, vc)
+            block_out.append(keys.read(qf) + torch.matmul(a, v_chunks[ci]))
+            keys.absorb(kf, v_chunks[ci])
+        outs.append(_safe_divide(torch.cat(block_out, dim=-2), dv))  # (*b, Hkv, G, Bq, Dv)
     return torch.cat(outs, dim=-2)
 
 
@@ -479,12 +494,11 @@ class Performer(Method):
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
         keep = inp.key_keep()
         keep = None if keep is None else keep.transpose(-1, -2)  # (*b', Hkv|1, G|1, S|1, 1)
-        v1 = torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)  # (*b, Hkv, 1, S, Dv+1): numerator | normaliser
         if inp.is_causal:
-            out = _favor_causal(q, k, v1, w, inp.scale, keep, self.chunk_size())
+            out = _favor_causal(q, k, v, w, inp.scale, keep, self.chunk_size())
         else:
-            out = _favor_bidirectional(q, k, v1, w, inp.scale, keep)  # (*b, Hkv, G, N, Dv+1)
-        return inp.ungroup(_safe_divide(out, inp.dv)).to(inp.dtype), None
+            out = _favor_bidirectional(q, k, v, w, inp.scale, keep)  # (*b, Hkv, G, N, Dv)
+        return inp.ungroup(out).to(inp.dtype), None
 
     def flops(self, shape: Shape) -> float:
         """2·(N·F·D + S·F·D) features + 2·(S + N)·F·(Dv+1) state and readout (the +1 is the
