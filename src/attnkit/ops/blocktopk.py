@@ -274,6 +274,11 @@ def _blocktopk(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: Bl
     valid_win = valid.unfold(-1, nwin * bk, bk) if valid is not None else None  # (…', nkb-nwin+1, nwin·bk)
     los = layout.los()
     chunk = choose_chunk(math.prod(lead), bk, nwin + e)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v)):
+        # Autograd keeps every block's probabilities anyway; one batched step keeps the
+        # backward linear (each chunk's slice of the key views would cost a full-size
+        # zero tensor in the backward, quadratic over all chunks).
+        chunk = nqb
     may_be_empty = keep is not None
     outs = []
     for b0 in range(0, nqb, chunk):
@@ -309,8 +314,9 @@ def _blocktopk(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: Bl
             w_any = win_ok.any(dim=-1, keepdim=True) if win_ok is not None else torch.ones((), dtype=torch.bool, device=dev)
             row_ok = w_any | e_ok.any(dim=-1, keepdim=True)
             sc.masked_fill_(~row_ok, 0.0)
-        p = torch.softmax(sc, dim=-1)
-        out = torch.matmul(p[..., : nwin * bk], vw) + torch.matmul(p[..., nwin * bk :], ve)  # (…, C, bk, Dv)
+        # split, not slicing: a slice's backward zero-fills a tensor the size of p.
+        p_w, p_e = torch.softmax(sc, dim=-1).split([nwin * bk, e * bk], dim=-1)
+        out = torch.matmul(p_w, vw) + torch.matmul(p_e, ve)  # (…, C, bk, Dv)
         if row_ok is not None:
             out = out * row_ok
         outs.append(out)

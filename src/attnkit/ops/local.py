@@ -265,12 +265,12 @@ def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, stats: bool) -
     if row_ok is not None:
         sc.masked_fill_(~row_ok, 0.0)
     p = torch.softmax(sc, dim=-1)
-    out, off = None, 0
-    for part in parts:
-        width = part.k.shape[-2]
-        o = torch.matmul(p if len(parts) == 1 else p[..., off : off + width], part.v)  # (…, rows, Dv)
+    # split, not slicing: a slice's backward zero-fills a tensor the size of p.
+    probs = p.split([part.k.shape[-2] for part in parts], dim=-1) if len(parts) > 1 else (p,)
+    out = None
+    for part, pp in zip(parts, probs):
+        o = torch.matmul(pp, part.v)  # (…, rows, Dv)
         out = o if out is None else out + o
-        off += width
     if row_ok is not None:
         out = out * row_ok
     if not stats:
@@ -292,6 +292,22 @@ def _user_parts(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> tupl
     return (mt, None) if mt.dtype == torch.bool else (None, mt)
 
 
+def _window_tiles(mask: Tensor, i0: int, lo: int, c: int, bq: int, wk: int) -> Tensor:
+    """View of the mask tiles of C consecutive uniform blocks: block t's rows
+    [i0 + t·bq, +bq) against its keys [lo + t·bq, +wk), as (…', C, bq|1, wk|1).  No copy:
+    a strided view whose block step moves bq rows and bq columns at once."""
+    rows, cols = mask.shape[-2], mask.shape[-1]
+    if rows == 1:  # key padding / per-key bias: windows along the keys only
+        return mask[..., 0, lo : lo + (c - 1) * bq + wk].unfold(-1, wk, bq).unsqueeze(-2) if cols != 1 \
+            else mask.unsqueeze(-3)
+    sn, ss = mask.stride(-2), mask.stride(-1) if cols != 1 else 0
+    return mask.as_strided(
+        (*mask.shape[:-2], c, bq, wk if cols != 1 else 1),
+        (*mask.stride()[:-2], bq * (sn + ss), sn, ss),
+        mask.storage_offset() + i0 * sn + (lo * ss if cols != 1 else 0),
+    )
+
+
 def _band(block: int, window: int, device: torch.device) -> Tensor:
     """Bool (block, window + block - 1): row r keeps columns r .. r + window - 1."""
     d = torch.arange(window + block - 1, device=device)[None, :] - torch.arange(block, device=device)[:, None]
@@ -305,18 +321,22 @@ class _Runner:
     def __init__(self, qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, stats: bool):
         self.qs, self.k, self.v, self.mask, self.p, self.block, self.stats = qs, k, v, mask, p, block, stats
         self.lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
-        self.cache: dict[tuple[int, int, int], Tensor] = {}
-        self.key_padding = mask is None or mask.shape[-2] == 1
+        self.cache: dict[tuple, Tensor] = {}  # positional masks that depend on j - i only
         width = p.window + block - 1 + p.prefix
         self.chunk = max(1, _CHUNK_SCORES // max(1, math.prod(self.lead) * block * width))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qs, k, v, mask)):
+            # Autograd keeps every block's probabilities anyway; one batched run keeps the
+            # backward linear too (each slice of k taken in the forward costs a k-sized
+            # zero tensor in the backward, so per-chunk slices would make it quadratic).
+            self.chunk = p.n
 
     def uniform(self, blk: Block) -> bool:
         """Full size, window away from both ends and the prefix: the shared relative band."""
         p, (i0, i1) = self.p, (blk.i0, blk.i1)
-        if not self.key_padding or i1 - i0 != self.block or not blk.segments:
+        if i1 - i0 != self.block or not blk.segments:
             return False
         lo, hi = blk.segments[-1]
-        if blk.segments[:-1] != (((0, p.prefix),) if p.prefix else ()) or lo <= p.prefix and p.prefix > 0:
+        if blk.segments[:-1] != (((0, p.prefix),) if p.prefix else ()) or (p.prefix > 0 and lo <= p.prefix):
             return False
         off = -(p.window - 1) if p.causal else -(p.window // 2)
         if lo != i0 + off or hi != lo + p.window + self.block - 1 or lo < 0 or hi > p.s:
@@ -365,15 +385,17 @@ class _Runner:
             band = self.cache[key] = _band(bq, p.window, self.qs.device)
         keep, bias = band, None
         m = self.mask
-        if m is not None:  # key padding / per-key bias (…', 1, S): windows of it, (…', C, 1, wk)
-            mw = m[..., 0, lo : lo + span].unfold(-1, wk, bq).unsqueeze(-2)
+        if m is not None:
+            mw = _window_tiles(m, i0, lo, c, bq, wk)  # (…', C, bq|1, wk)
             keep, bias = (keep & mw, None) if m.dtype == torch.bool else (keep, mw)
         parts = [_Part(kw, vw, keep, bias)]
         if p.prefix:
-            ukeep, ubias = _user_parts(m, 0, 1, 0, p.prefix)
-            parts.insert(0, _Part(self.k[..., None, : p.prefix, :], self.v[..., None, : p.prefix, :],
-                                  None if ukeep is None else ukeep.unsqueeze(-3),
-                                  None if ubias is None else ubias.unsqueeze(-3)))
+            ukeep, ubias = _user_parts(m, i0, i0 + c * bq, 0, p.prefix)
+            if m is not None and m.shape[-2] != 1:
+                ukeep, ubias = (t.unflatten(-2, (c, bq)) if t is not None else None for t in (ukeep, ubias))
+            else:
+                ukeep, ubias = (t.unsqueeze(-3) if t is not None else None for t in (ukeep, ubias))
+            parts.insert(0, _Part(self.k[..., None, : p.prefix, :], self.v[..., None, : p.prefix, :], ukeep, ubias))
         res = _attend(qc, parts, m is not None, self.stats)
         if self.stats:
             return BandStats(res.m.flatten(-2), res.l.flatten(-2), res.acc.flatten(-3, -2))
