@@ -383,3 +383,38 @@ def test_empty_lengths_give_zeros(n, s, causal):
     assert out.shape == (1, 2, n, 4) and (out == 0).all()
     out.sum().backward()
     assert (q.grad == 0).all()
+
+
+def test_causal_left_padding_rows_before_the_first_key_are_zero():
+    case = Case(batch=(2,), hq=2, hkv=2, n=50, s=50, d=16, causal=True)
+    q, k, v, _ = make_inputs(case, requires_grad=True)
+    mask = torch.ones(2, 1, 1, 50, dtype=torch.bool)
+    mask[0, ..., :20] = False  # left padding: queries 0..19 of batch 0 see no key
+    m = Performer(features=F_TEST, chunk=8)
+    out = attnkit.attention(q, k, v, mask, is_causal=True, method=m)
+    ref = _naive(m, q, k, v, mask, True)
+    assert max_err(out, ref) <= 1e-5 * ref.abs().max().item()
+    assert (out[0, :, :20] == 0).all() and (out[0, :, 20:] != 0).any(dim=-1).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[0, :, :20] == 0).all()
+
+
+@pytest.mark.parametrize("scale", [-0.2, 0.0, 0.05])
+def test_any_scale(scale):
+    q, k, v, _ = make_inputs(Case(n=31, s=29, d=16))
+    m = Performer(features=F_TEST)
+    for causal in (False, True):
+        out = attnkit.attention(q, k, v, is_causal=causal, scale=scale, method=m)
+        inp = prepare_inputs(q, k, v, None, 0.0, causal, scale)
+        _, p = naive_performer(q.double(), k.double(), v.double(), projection_matrix(F_TEST, 16).double(), scale=scale, is_causal=causal)
+        assert max_err(out, p @ v.double()) <= 1e-5 * out.abs().max().item()
+        if scale == 0.0:  # every key weighs the same
+            assert max_err(m.implied_weights(inp), attnkit.reference_attention(q, k, v, is_causal=causal, scale=0.0, return_weights=True)[1]) < 1e-12
+
+
+def test_negative_scale_is_estimated_too():
+    # E[φ(q)·φ(k)] = exp(q·k·scale) for a negative scale as well: more features, closer.
+    q, k, v, _ = make_inputs(Case(n=31, s=29, d=16))
+    ref = attnkit.reference_attention(q * 0.3, k * 0.3, v, scale=-0.2)
+    errs = [max_err(attnkit.attention(q * 0.3, k * 0.3, v, scale=-0.2, method=Performer(features=f)), ref) for f in (8, 4096)]
+    assert errs[1] < errs[0] / 4

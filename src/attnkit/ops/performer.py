@@ -16,8 +16,10 @@ variance of the estimate.  Causal attention uses chunked prefix sums: within a c
 of C positions the masked C×C product is exact, across chunks a running (F, Dv+1)
 state carries the keys seen so far -- no N×F×D cumulative tensor is ever built.
 
-The pieces the Hybrid family reuses are plain functions: :func:`draw_features`,
-:func:`projection_matrix`, :func:`positive_features`, :func:`feature_logits`.
+The pieces the Hybrid family reuses are public: :func:`draw_features`,
+:func:`projection_matrix`, :func:`positive_features` (features and their detached
+log-shifts), :func:`feature_logits`, :class:`KeyState` (running key sums with a running
+shift) and :func:`safe_denominator`.
 
 Reference:
     Choromanski et al., "Rethinking Attention with Performers", ICLR 2021.
@@ -46,6 +48,7 @@ __all__ = [
     "feature_logits",
     "positive_features",
     "safe_denominator",
+    "KeyState",
     "naive_performer",
 ]
 
@@ -77,12 +80,11 @@ def draw_features(features: int, dim: int, orthogonal: bool = True, *, generator
     """
     if not orthogonal:
         return torch.randn(features, dim, generator=generator)
-    blocks = []
-    for _ in range(-(-features // dim)):
-        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
-        q = q * torch.sign(torch.diagonal(r)).masked_fill(torch.diagonal(r) == 0, 1.0)  # Haar (Mezzadri 2007)
-        blocks.append(q.T)  # rows: D orthonormal directions
-    directions = torch.cat(blocks)[:features]  # (F, D)
+    blocks = -(-features // dim)
+    q, r = torch.linalg.qr(torch.randn(blocks, dim, dim, generator=generator))  # one batched call
+    diag = torch.diagonal(r, dim1=-2, dim2=-1)  # (blocks, D)
+    q = q * torch.where(diag < 0, -1.0, 1.0)[:, None, :]  # column signs: Haar-distributed (Mezzadri 2007)
+    directions = q.transpose(-1, -2).reshape(blocks * dim, dim)[:features]  # (F, D): rows orthonormal per block
     norms = torch.linalg.vector_norm(torch.randn(features, dim, generator=generator), dim=-1)  # (F,) ~ chi_D
     return directions * norms[:, None]
 
@@ -104,7 +106,7 @@ def feature_logits(x: Tensor, projection: Tensor, scale: float, keep: Tensor | N
     Args:
         x: (..., L, D) keys in the compute dtype.
         projection: (F, D) in x's dtype and device.
-        scale: softmax scale; x' = x·√scale.
+        scale: softmax scale; x' = x·√|scale| (a negative scale's sign goes to the queries).
         keep: None or bool broadcastable to (..., L, 1); False = padded key.
 
     Returns:
@@ -112,7 +114,7 @@ def feature_logits(x: Tensor, projection: Tensor, scale: float, keep: Tensor | N
         gradient is 0 too (a ``where`` after ``exp`` would give 0·inf = NaN gradients
         when a padded key's logit overflows).
     """
-    xs = x * math.sqrt(scale)
+    xs = x * math.sqrt(abs(scale))
     sq = 0.5 * xs.pow(2).sum(dim=-1, keepdim=True)  # (..., L, 1)
     # One GEMM gives w·x' − |x'|²/2: [x', |x'|²/2] @ [W, −1]^T (saves a pass over (L, F)).
     xs1 = torch.cat([xs, sq], dim=-1)  # (..., L, D+1)
@@ -146,7 +148,8 @@ def positive_features(
     Args:
         x: (..., L, D) in the compute dtype.
         projection: (F, D) in x's dtype and device.
-        scale: softmax scale; x' = x·√scale, so ``E[φ(q)·φ(k)] = exp(q·k·scale)·exp(−shift_q − shift_k)``.
+        scale: softmax scale; x' = x·√|scale| (keys) or x·sign(scale)·√|scale| (queries), so
+            ``E[φ(q)·φ(k)] = exp(q·k·scale)·exp(−shift_q − shift_k)``.
         is_query: which stabiliser.
         keep: keys only: None or bool broadcastable to (..., L, 1); False = padded key.
 
@@ -156,7 +159,7 @@ def positive_features(
     """
     log_sqrt_f = 0.5 * math.log(projection.shape[0])  # the 1/√F folded into the exponent: no extra pass
     if is_query:
-        xs = x * math.sqrt(scale)
+        xs = x * math.copysign(math.sqrt(abs(scale)), scale)  # a negative scale flips the queries
         wx = torch.matmul(xs, projection.T)  # (..., L, F)
         m = wx.detach().amax(dim=-1, keepdim=True)  # (..., L, 1)
         sq = 0.5 * xs.pow(2).sum(dim=-1, keepdim=True)  # (..., L, 1)
@@ -247,8 +250,10 @@ def block_rows(lead: int, features: int, multiple: int = 1) -> int:
     return rows - rows % multiple
 
 
-class _KeyState:
-    """Σ_j φ(k_j) [v_j, 1]^T over the keys absorbed so far, at a running shift.
+class KeyState:
+    """Σ_j φ(k_j) [v_j, 1]^T over the keys absorbed so far, at a running shift ``m``
+    (detached; (*lead, 1, 1), −inf before any kept key): every absorbed φ(k_j) equals
+    exp(w·k'_j − |k'_j|²/2 − m)/√F for the current ``m``.
 
     Keys arrive block by block; the shift ``m`` is the max of their logits so far and
     the sum is rescaled by exp(m_old − m_new) <= 1 when it grows (online-softmax style).
@@ -311,7 +316,7 @@ def _favor_bidirectional(q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: floa
     (*b', Hkv|1, G|1, S|1, 1).  Returns the normalised output (*b, Hkv, G, N, Dv)."""
     f, dv = w.shape[0], v.shape[-1]
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
-    keys = _KeyState(q, lead_k, f, dv + 1)
+    keys = KeyState(q, lead_k, f, dv + 1)
     step = block_rows(math.prod(lead_k), f)
     k_blocks = k.split(step, dim=-2) if k.shape[-2] else ()
     for kb, vb, keepb in zip(k_blocks, v.split(step, dim=-2), _rows(keep, step, len(k_blocks))):
@@ -342,7 +347,7 @@ def _favor_causal(
     k, v = k[..., :s, :], v[..., :s, :]
     keep = keep[..., :s, :] if keep is not None and keep.shape[-2] > 1 else keep
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
-    keys = _KeyState(q, lead_k, f, dv + 1)
+    keys = KeyState(q, lead_k, f, dv + 1)
     step = block_rows(math.prod(q.shape[:-2]), f, multiple=chunk)
     k_blocks = k.split(step, dim=-2) if s else ()
     keep_blocks = _rows(keep, step, len(k_blocks))
