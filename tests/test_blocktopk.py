@@ -37,6 +37,7 @@ CASES = [
     (Case(batch=(1,), hq=6, hkv=2, n=130, s=97, causal=True), BlockTopK(window=20, block=16, topk=2, score="max")),
     (Case(batch=(2, 3), hq=2, hkv=1, n=33, s=47, mask="keypad-float"), BlockTopK(window=5, block=4, topk=2, sinks=1)),
     (Case(batch=(), hq=2, hkv=2, n=70, s=70, d=24, dv=16), BlockTopK(window=1, block=5, topk=4, score="max")),
+    (Case(batch=(1,), hq=2, hkv=1, n=30, s=30, d=8, causal=True), BlockTopK(window=1, block=2, topk=2, sinks=7)),  # future sinks
 ]
 IDS = [f"{c.id}-{m.spec()}" for c, m in CASES]
 
@@ -145,14 +146,14 @@ def test_error_falls_as_topk_grows_and_beats_the_window_alone(causal, scale, sco
 def test_no_future_leak():
     case = Case(batch=(2,), hq=4, hkv=2, n=80, s=80, mask="keypad", causal=True)
     q, k, v, mask = make_inputs(case, scale_q=2.0)
-    method = BlockTopK(window=10, block=8, topk=3, sinks=2)
-    out = attnkit.attention(q, k, v, mask, is_causal=True, method=method)
-    for i in (0, 8, 37, 63):
-        k2, v2 = k.clone(), v.clone()
-        k2[..., i + 1 :, :] = torch.randn_like(k2[..., i + 1 :, :]) * 10
-        v2[..., i + 1 :, :] = torch.randn_like(v2[..., i + 1 :, :]) * 10
-        out2 = attnkit.attention(q, k2, v2, mask, is_causal=True, method=method)
-        assert torch.equal(out[..., : i + 1, :], out2[..., : i + 1, :]), i
+    for method in (BlockTopK(window=10, block=8, topk=3, sinks=2), BlockTopK(window=3, block=4, topk=3, sinks=9)):
+        out = attnkit.attention(q, k, v, mask, is_causal=True, method=method)
+        for i in (0, 5, 37, 63):
+            k2, v2 = k.clone(), v.clone()
+            k2[..., i + 1 :, :] = torch.randn_like(k2[..., i + 1 :, :]) * 10
+            v2[..., i + 1 :, :] = torch.randn_like(v2[..., i + 1 :, :]) * 10
+            out2 = attnkit.attention(q, k2, v2, mask, is_causal=True, method=method)
+            assert torch.equal(out[..., : i + 1, :], out2[..., : i + 1, :]), (method, i)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -16,8 +16,13 @@ and one fp32 softmax runs over them.  The selection is not differentiable (indic
 gradients flow through the attention over the kept blocks.
 
 Cost: O(N·(W + Bk + (K + sinks/Bk)·Bk)·D) for the attention and O((N/Bk)²·D) for the
-selection (``score="max"``: O(N·(N/Bk)·D)).  When K·Bk + W >= S every block is kept and
-the result is exact attention (causal: for N <= S).
+selection (``score="max"``: O(N·(N/Bk)·D) time and N·N/Bk memory, for analysis).  When
+K·Bk + W >= S every block is kept and the result is exact attention.
+
+Causal: no output depends on a later key or value, but a query block is scored by all
+of its queries (the mean, or the max), so row i's *selection* can depend on queries up
+to Bk - 1 positions later -- harmless for prefill and inference, a small leak for
+training a causal model.  With GQA each query head selects its own blocks.
 
 References:
     Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024.
@@ -166,17 +171,20 @@ def select_blocks(q: Tensor, k: Tensor, keep: Tensor | None, layout: BlockLayout
     b = torch.arange(nqb, device=dev)[:, None]
     lo = torch.tensor(layout.los(), device=dev)[:, None]
     in_window = (c >= lo) & (c < lo + layout.nwin)  # (nqb, nkb)
-    taken = in_window | (c < layout.nsink)
+    # Causal: blocks wholly in the future are never kept.  No kept extra block is
+    # partly in the future: that is only the diagonal block, always a window block.
     if layout.causal:
-        last_row = torch.clamp((b + 1) * bk, max=layout.n) - 1
-        taken = taken | (c * bk > last_row)
+        future = c * bk > torch.clamp((b + 1) * bk, max=layout.n) - 1
+    else:
+        future = torch.zeros((), dtype=torch.bool, device=dev)
+    taken = in_window | future | (c < layout.nsink)
     sc = sc.masked_fill(taken, NEG_INF)
     if block_ok is not None:
         sc = sc.masked_fill(~block_ok.unsqueeze(-2), NEG_INF)
     kk_ = min(topk, nkb)
     val, idx = sc.topk(kk_, dim=-1, sorted=False) if kk_ > 0 else (sc[..., :0], sc[..., :0].long())
     sinks = torch.arange(layout.nsink, device=dev).expand(*idx.shape[:-1], layout.nsink)
-    sink_ok = ~in_window[:, : layout.nsink].expand(*idx.shape[:-1], layout.nsink)
+    sink_ok = ~(in_window | future)[:, : layout.nsink].expand(*idx.shape[:-1], layout.nsink)
     return Selection(torch.cat([sinks, idx], dim=-1), torch.cat([sink_ok, val > NEG_INF], dim=-1))
 
 
@@ -334,7 +342,8 @@ class BlockTopK(Method):
     the sink blocks (the first ``sinks`` keys, in whole blocks), and the ``topk`` other
     key blocks with the highest Quest bound ``relu(q)·kmax + min(q, 0)·kmin``; exact
     softmax attention over those blocks only.  Causal: future blocks are never
-    selected and the diagonal blocks are masked.  K·Bk + W >= S gives exact attention.
+    selected and the diagonal blocks are masked (the selection itself uses the whole
+    query block, see the module notes).  K·Bk + W >= S gives exact attention.
 
     Equivalent to ``naive_blocktopk(q, k, v, ...)``: attention with the dense mask of
     the selected blocks (see :func:`selection_mask`).
