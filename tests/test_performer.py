@@ -115,19 +115,35 @@ def _structured(seed: int, n: int = 512, d: int = 64, h: int = 2, sharp: float =
     return near_centers()[None], near_centers()[None], torch.randn(1, h, n, d, generator=g)
 
 
+@pytest.mark.parametrize(
+    "sharp, orthogonal", [(1.0, True), (1.0, False), (2.0, True)], ids=["orthogonal", "iid", "peaked-orthogonal"]
+)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_error_against_exact_falls_as_features_grow(causal):
+def test_error_against_exact_falls_as_features_grow(causal, sharp, orthogonal):
     feats = (16, 64, 256, 1024)
     errs = torch.zeros(len(feats), 2)
     for seed in range(3):
-        q, k, v = _structured(seed)
+        q, k, v = _structured(seed, sharp=sharp)  # same seeds as the features: they must not correlate
         for i, f in enumerate(feats):
-            e = approximation_errors(Performer(features=f, seed=seed), q, k, v, is_causal=causal)
+            e = approximation_errors(Performer(f, orthogonal, seed=seed), q, k, v, is_causal=causal)
             errs[i] += torch.tensor([e["out_rel_fro"], e["prob_mse"]]) / 3
     assert (errs[1:] < errs[:-1]).all(), errs
-    # Monte-Carlo rate: 64x the features, about 8x less output error (1/sqrt(F)).
-    assert errs[-1, 0] < errs[0, 0] / 5, errs
-    assert errs[-1, 0] < 0.06, errs
+    if sharp == 1.0:
+        # Monte-Carlo rate: 64x the features, about 8x less output error (1/sqrt(F)).
+        assert errs[-1, 0] < errs[0, 0] / 5, errs
+        assert errs[-1, 0] < (0.06 if orthogonal else 0.1), errs
+    else:
+        # Larger |q|, |k|: the estimator's variance grows like exp(|q'+k'|^2), so it
+        # falls much more slowly (FAVOR+'s known weakness on peaked attention).
+        assert errs[-1, 0] < 0.7 * errs[0, 0], errs
+
+
+def test_seed_is_hashed_not_the_global_stream():
+    w = projection_matrix(32, 16, orthogonal=False, seed=0)
+    assert not torch.equal(w, torch.randn(32, 16, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(w, projection_matrix(32, 16, orthogonal=False, seed=0))
+    assert not torch.equal(w, projection_matrix(32, 16, orthogonal=False, seed=0, draw=1))
+    assert not torch.equal(w, projection_matrix(32, 16, orthogonal=False, seed=1))
 
 
 def test_orthogonal_features_beat_iid_on_average():
