@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
@@ -287,3 +289,22 @@ def test_torch_compile_matches_eager():
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert max_err(compiled(q, k, v), fn(q, k, v)) <= 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40), s=st.integers(1, 40), window=st.integers(1, 45), block=st.integers(1, 9),
+    topk=st.integers(0, 5), sinks=st.integers(0, 12), causal=st.booleans(), keypad=st.booleans(),
+    score=st.sampled_from(["mean", "max"]),
+)
+def test_random_configs_match_naive(n, s, window, block, topk, sinks, causal, keypad, score):
+    q, k, v, _ = make_inputs(Case(batch=(2,), hq=2, hkv=1, n=n, s=s, d=8), torch.float64, scale_q=2.0)
+    gen = torch.Generator().manual_seed(n * 1000 + s)
+    mask = torch.arange(s) < torch.randint(0, s + 1, (2, 1, 1, 1), generator=gen) if keypad else None
+    method = BlockTopK(window=window, block=block, topk=topk, sinks=sinks, score=score)
+    out = attnkit.attention(q, k, v, mask, is_causal=causal, method=method)
+    ref = _naive(q, k, v, mask, causal, method)
+    assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())
+    if topk * block + window >= s:
+        exact = attnkit.reference_attention(q, k, v, mask, is_causal=causal)
+        assert max_err(out, exact) <= 1e-10 * max(1.0, exact.abs().max().item())

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
@@ -297,3 +299,29 @@ def test_torch_compile_matches_eager():
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert max_err(compiled(q, k, v), fn(q, k, v)) <= 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40), s=st.integers(1, 40), window=st.integers(1, 45), g=st.integers(0, 6),
+    sinks=st.integers(0, 6), causal=st.booleans(), block=st.integers(1, 9),
+    mask_kind=st.sampled_from([None, "keypad", "bool", "float"]),
+)
+def test_random_patterns_equal_the_dense_mask_reference(n, s, window, g, sinks, causal, block, mask_kind):
+    q, k, v, _ = make_inputs(Case(batch=(2,), hq=2, hkv=1, n=n, s=s, d=8), torch.float64)
+    gen = torch.Generator().manual_seed(n * 1000 + s)
+    mask = None
+    if mask_kind == "keypad":
+        mask = torch.arange(s) < torch.randint(0, s + 1, (2, 1, 1, 1), generator=gen)  # (2, 1, 1, S)
+    elif mask_kind is not None:
+        mask = torch.rand(n, s, generator=gen) > 0.3
+        if mask_kind == "float":
+            mask = torch.where(mask, torch.randn(n, s, generator=gen, dtype=torch.float64), float("-inf"))
+    method = Local(window=window, global_tokens=g, sinks=sinks, block=block)
+    out = attnkit.attention(q, k, v, mask, is_causal=causal, method=method)
+    ref = attnkit.reference_attention(q, k, v, dense_mask(mask, local_mask(n, s, window, g, sinks, causal)), is_causal=causal)
+    assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())
+    stats = local_band_stats(*prepare_inputs(q, k, v, mask, 0.0, causal).grouped(), method.pattern(n, s, causal),
+                             q.shape[-1] ** -0.5, block)
+    band = stats.acc / torch.where(stats.l == 0, 1.0, stats.l)[..., None]
+    assert max_err(band.flatten(-4, -3), ref) <= 1e-10 * max(1.0, ref.abs().max().item())
