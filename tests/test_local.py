@@ -198,7 +198,7 @@ def test_band_stats_reconstruct_softmax_sums():
 
 
 def test_gradcheck_and_gradgradcheck_float64():
-    case = Case(batch=(1,), hq=2, hkv=1, n=9, s=11, d=3, mask="keypad", causal=True)
+    case = Case(batch=(1,), hq=2, hkv=1, n=7, s=8, d=2, mask="keypad", causal=True)
     q, k, v, mask = make_inputs(case, torch.float64, requires_grad=True)
 
     def fn(q, k, v):

@@ -44,7 +44,7 @@ from ..core.capabilities import Capabilities, Method
 from ..core.inputs import AttentionInputs, Shape
 from ..core.reference import math_attention
 from ..core.registry import register
-from .local import combine_masks
+from .local import combine_masks, softmax_lastdim
 from .tiled import compute_dtype
 
 __all__ = ["BlockTopK", "BlockLayout", "Selection", "select_blocks", "selection_mask", "kept_keys", "naive_blocktopk"]
@@ -323,7 +323,7 @@ def _blocktopk(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: Bl
             row_ok = w_any | e_ok.any(dim=-1, keepdim=True)
             sc.masked_fill_(~row_ok, 0.0)
         # split, not slicing: a slice's backward zero-fills a tensor the size of p.
-        p_w, p_e = torch.softmax(sc, dim=-1).split([nwin * bk, e * bk], dim=-1)
+        p_w, p_e = softmax_lastdim(sc).split([nwin * bk, e * bk], dim=-1)
         out = torch.matmul(p_w, vw) + torch.matmul(p_e, ve)  # (…, C, bk, Dv)
         if row_ok is not None:
             out = out * row_ok
