@@ -1,0 +1,445 @@
+"""Hybrid: the exact local band plus a random-feature estimate of the rest (Scatterbrain).
+
+Query i weighs the keys of its Local window ``band(i)`` (see :class:`LocalPattern`)
+exactly and every other key with the FAVOR+ estimate ``φ(q_i)·φ(k_j) ≈ exp(s_ij)``
+(:mod:`attnkit.ops.performer`), under one normaliser:
+
+    out_i = [Σ_{j∈band(i)} exp(s_ij) v_j + Σ_{j∉band(i)} φ(q_i)·φ(k_j) v_j]
+          / [Σ_{j∈band(i)} exp(s_ij)     + Σ_{j∉band(i)} φ(q_i)·φ(k_j)]        s_ij = q_i·k_j·scale
+
+The far field is never formed pair by pair:
+
+* bidirectional: ``φ(q_i)·Σ_all φ(k_j)[v_j, 1] − φ(q_i)·Σ_{j∈band(i)} φ(k_j)[v_j, 1]``: the
+  feature state of all keys (one (F, Dv+1) state per head) minus the band's own share of
+  it, so that no key is counted twice (Scatterbrain's rule: the sparse part replaces the
+  low-rank estimate on its support).  The share is computed block by block, a query
+  block's C×L product against the keys its windows span, like the exact band.
+* causal: the band is the previous W keys, the far field the keys ``j <= i − W``.  A
+  running state absorbs keys as they leave the band: query block [i0, i0 + C) reads the
+  state of keys < i0 − W + 1 and a C×C triangle over the next C keys, which it then
+  absorbs (prefix sums in chunks, as Performer's causal path).  No subtraction here.
+
+The band comes from :func:`local_band_stats` (exact softmax statistics per query), the
+features and running key state from Performer's public pieces.  Cost
+O(N·(W + C)·(D + F) + (N + S)·F·D): no N×S tensor, no N×F×D cumulative tensor.
+
+Reference:
+    Chen, Dao, Winsor, Song, Rudra, Ré, "Scatterbrain: Unifying Sparse and Low-rank
+    Attention Approximation", NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..core.capabilities import Capabilities, Method
+from ..core.inputs import AttentionInputs, Shape
+from ..core.reference import causal_keep
+from ..core.registry import register
+from .local import BandStats, Local, LocalPattern, choose_block, local_band_stats, local_mask, plan_blocks
+from .performer import (
+    KeyState,
+    Performer,
+    PerformerState,
+    feature_logits,
+    positive_features,
+    projection_matrix,
+    safe_denominator,
+)
+from .tiled import compute_dtype
+
+__all__ = ["Hybrid", "naive_hybrid", "hybrid_attention", "causal_key_bounds"]
+
+NEG_INF = float("-inf")
+SHARE_SCORES = 1 << 18  # band-share scores per batched chunk without autograd (cache-sized, as Local's)
+
+
+# -- the naive formula (the oracle) --------------------------------------------------
+
+
+def naive_hybrid(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    *,
+    scale: float,
+    window: int,
+    is_causal: bool = False,
+    key_keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Materialised Hybrid in the inputs' dtype: the readable spec of the fast path.
+
+    Args:
+        q: (*b, Hq, N, D).  k: (*b, Hkv, S, D).  v: (*b, Hkv, S, Dv).
+        projection: (F, D) random directions (:func:`projection_matrix`).
+        scale: softmax scale.
+        window: W, the band of :class:`LocalPattern` (bidirectional: W keys centred on
+            i; causal: the previous W keys).
+        key_keep: None or bool broadcastable to (*b, Hq, 1, S); False = padded key.
+
+    Returns:
+        out (*b, Hq, N, Dv) and the implied attention matrix (*b, Hq, N, S).
+
+    Equivalent to::
+
+        band = local_mask(N, S, W, is_causal=causal) & visible      # visible: key_keep, causal
+        far = ~local_mask(N, S, W, is_causal=causal) & visible
+        A = where(band, exp(q @ k.T * scale), 0) + where(far, φ(q) @ φ(k).T, 0)
+        P = A / A.sum(-1, keepdim=True)                               # rows without keys: 0
+        out = P @ v
+    """
+    g = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(g, dim=-3), v.repeat_interleave(g, dim=-3)  # (*b, Hq, S, D)
+    n, s = q.shape[-2], k.shape[-2]
+    w = projection.to(q.dtype)
+    phi_q, shift_q = positive_features(q, w, scale, is_query=True)  # (*b, Hq, N, F), (*b, Hq, N, 1)
+    kk = None if key_keep is None else key_keep.transpose(-1, -2)  # (*b, Hq|1, S, 1)
+    phi_k, shift_k = positive_features(k, w, scale, is_query=False, keep=kk)  # (*b, Hq, S, F), (*b, Hq, 1, 1)
+    visible = torch.ones(n, s, dtype=torch.bool, device=q.device)
+    if is_causal:
+        visible = causal_keep(0, n, 0, s, q.device)
+    if key_keep is not None:
+        visible = visible & key_keep  # (*b, Hq|1, N, S)
+    in_band = local_mask(n, s, window, is_causal=is_causal, device=q.device) & visible
+    far = visible & ~in_band
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~in_band, NEG_INF)  # (*b, Hq, N, S)
+    # φ(q_i)·φ(k_j) estimates exp(s_ij − shift_q_i − shift_k) and is at most 1; one
+    # reference per row (detached, it cancels) keeps both terms <= 1.
+    log_far = shift_q + shift_k  # (*b, Hq, N, 1)
+    ref = torch.maximum(scores.detach().amax(dim=-1, keepdim=True), log_far)
+    a = torch.exp(scores - ref) + torch.where(far, phi_q @ phi_k.transpose(-1, -2), 0.0) * torch.exp(log_far - ref)
+    p = a / safe_denominator(a.sum(dim=-1, keepdim=True))
+    return p @ v, p
+
+
+# -- the fast path -------------------------------------------------------------------
+
+
+def _with_ones(v: Tensor) -> Tensor:
+    """[v, 1] (..., L, Dv+1): one product then gives a numerator and its normaliser."""
+    return torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
+
+
+def _keys_lead(k: Tensor, keep: Tensor | None) -> tuple[int, ...]:
+    return tuple(torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2])
+
+
+def _relative_band(block: int, window: int, device: torch.device) -> Tensor:
+    """Bool (block, window + block - 1): row r of an interior block keeps columns r .. r + W - 1."""
+    d = torch.arange(window + block - 1, device=device)[None, :] - torch.arange(block, device=device)[:, None]
+    return (d >= 0) & (d < window)
+
+
+def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block: int) -> Tensor:
+    """The band's own random-feature share Σ_{j∈band(i)} φ(q_i)·φ(k_j) [v_j, 1]: (…, N, Dv+1).
+
+    Bidirectional pattern.  A block of C query rows is multiplied against the keys its
+    windows span (the ranges of :func:`plan_blocks`: at most W + C − 1 keys), masked to
+    each row's window -- the same C×L tiles as the exact band.  Interior blocks, whose
+    windows are not clamped at the sequence ends, share one relative band: they run
+    batched over strided (unfold) views of φ(K) and [V, 1]; the few end blocks run one by one.
+    """
+    n, s, w = p.n, p.s, p.window
+    width, off = w + block - 1, w // 2
+    # Interior blocks b: whole (b·C + C <= N), window unclamped (b·C − W//2 >= 0 and the
+    # last row's window ends at most at S).
+    first = -(-off // block)
+    stop = min(n // block, (s - width + off) // block + 1)
+    first = min(first, max(stop, 0))
+    stop = max(stop, first)
+    u0, u1 = first * block, stop * block
+    head, mid, tail = phi_q.split([u0, u1 - u0, n - u1], dim=-2)  # split, not slices: see Local
+    lead = math.prod(phi_q.shape[:-2])
+    outs = []
+
+    def one(qb: Tensor, i0: int) -> Tensor:
+        i1 = i0 + qb.shape[-2]
+        lo, hi = p.start(i0), p.end(i1 - 1)
+        keep = p.keep(torch.arange(i0, i1, device=qb.device), torch.arange(lo, hi, device=qb.device))
+        a = torch.matmul(qb, phi_k[..., lo:hi, :].transpose(-1, -2)).masked_fill_(~keep, 0.0)  # (…, C, L)
+        return torch.matmul(a, v1[..., lo:hi, :])  # (…, C, Dv+1)
+
+    outs.extend(one(qb, i0) for qb, i0 in zip(head.split(block, dim=-2), range(0, u0, block)))
+    if u1 > u0:
+        band = _relative_band(block, w, phi_q.device)
+        nb = stop - first
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v1))
+        # Under autograd one batched run: every slice of φ(K) costs a φ(K)-sized zero
+        # tensor in the backward, so per-chunk slices would make the backward quadratic.
+        chunk = nb if grad else max(1, SHARE_SCORES // max(1, lead * block * width))
+        for c0 in range(0, nb, chunk):
+            c = min(chunk, nb - c0)
+            lo = u0 + c0 * block - off
+            span = (c - 1) * block + width
+            qc = mid[..., c0 * block : (c0 + c) * block, :].unflatten(-2, (c, block))  # (…, c, C, F)
+            kw = phi_k[..., lo : lo + span, :].unfold(-2, width, block)  # (…, c, F, L): a view
+            vw = v1[..., lo : lo + span, :].unfold(-2, width, block).transpose(-1, -2)  # (…, c, L, Dv+1)
+            a = torch.matmul(qc, kw).masked_fill_(~band, 0.0)  # (…, c, C, L)
+            outs.append(torch.matmul(a, vw).flatten(-3, -2))  # (…, c·C, Dv+1)
+    outs.extend(one(qb, i0) for qb, i0 in zip(tail.split(block, dim=-2), range(u1, n, block)))
+    return torch.cat(outs, dim=-2)
+
+
+def _far_bidirectional(
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, p: LocalPattern, block: int
+) -> tuple[Tensor, Tensor]:
+    """Far field of every query, bidirectional: (all keys' state) − (the band's share).
+
+    Args as :meth:`Hybrid.forward` prepares them: q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D),
+    v (*b, Hkv, 1, S, Dv), keep None or (*b', Hkv|1, G|1, S|1, 1), in the compute dtype.
+
+    Returns:
+        far: (*b, Hkv, G, N, Dv+1), ≈ Σ_{j∉band(i)} exp(s_ij − log_scale_i) [v_j, 1].
+        log_scale: (*b, Hkv, G, N, 1) detached, shift_q + shift_k.
+    """
+    v1 = _with_ones(v)  # (*b, Hkv, 1, S, Dv+1)
+    keys = KeyState(q, _keys_lead(k, keep), w.shape[0], v.shape[-1] + 1)
+    # One block of keys: one shift for all of them, so the band share below uses the
+    # very features the state summed.
+    phi_k = keys.features(feature_logits(k, w, scale, keep), inplace=True)  # (*b, Hkv, G|1, S, F)
+    keys.absorb(phi_k, v1)
+    phi_q, shift_q = positive_features(q, w, scale, is_query=True)  # (*b, Hkv, G, N, F), (…, N, 1)
+    far = keys.read(phi_q) - _band_share(phi_q, phi_k, v1, p, block)
+    return far, shift_q + torch.where(keys.m == NEG_INF, 0.0, keys.m)
+
+
+def causal_key_bounds(n: int, s: int, window: int, block: int) -> list[int]:
+    """Causal far field: query block b (rows [b·C, b·C + C)) adds keys [bounds[b],
+    bounds[b+1]) -- the keys leaving its rows' bands -- to the state after reading it."""
+    return [min(max(b * block - window + 1, 0), s) for b in range(-(-n // block) + 1)]
+
+
+def _far_causal(
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, window: int, block: int
+) -> tuple[Tensor, Tensor]:
+    """Far field of every query, causal: keys j <= i − W, by a running state.
+
+    Query block b (rows [b·C, b·C + C)) reads the state of keys < b·C − W + 1, plus the
+    C×C triangle ``j <= i − W`` over the keys [b·C − W + 1, b·C + C − W + 1), which it
+    then absorbs: keys enter the state as they leave every later row's band.  Those keys
+    are all <= b·C when C <= W, so the running key shift never looks past a block's
+    first row and outputs up to i do not depend on later keys, not even by rounding.
+    Arguments and result as :func:`_far_bidirectional`.
+    """
+    n, s, f, dv = q.shape[-2], k.shape[-2], w.shape[0], v.shape[-1]
+    keys = KeyState(q, _keys_lead(k, keep), f, dv + 1)
+    q_blocks = q.split(block, dim=-2)
+    bounds = causal_key_bounds(n, s, window, block)
+    sizes = [j1 - j0 for j0, j1 in zip(bounds, bounds[1:])] + [s - bounds[-1]]
+    k_pieces, v_pieces = k.split(sizes, dim=-2), v.split(sizes, dim=-2)
+    keep_pieces = keep.split(sizes, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(sizes)
+    fars, scales = [], []
+    for b, qb in enumerate(q_blocks):
+        phi_q, shift_q = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, C, F), (…, C, 1)
+        j0, j1 = bounds[b], bounds[b + 1]
+        if j1 > j0:
+            i0 = b * block
+            kf = keys.features(feature_logits(k_pieces[b], w, scale, keep_pieces[b]), inplace=True)  # (…, Ck, F)
+            v1 = _with_ones(v_pieces[b])  # (*b, Hkv, 1, Ck, Dv+1)
+            a = torch.matmul(phi_q, kf.transpose(-1, -2))  # (*b, Hkv, G, C, Ck)
+            a = a.masked_fill_(~causal_keep(i0 - window, i0 + qb.shape[-2] - window, j0, j1, a.device), 0.0)
+            fars.append(keys.read(phi_q) + torch.matmul(a, v1))
+            keys.absorb(kf, v1)
+        else:
+            fars.append(keys.read(phi_q))
+        scales.append(shift_q + torch.where(keys.m == NEG_INF, 0.0, keys.m))
+    return torch.cat(fars, dim=-2), torch.cat(scales, dim=-2)
+
+
+def _combine(band: BandStats, far: Tensor, log_scale: Tensor) -> Tensor:
+    """(band exact + far estimate) / (their normaliser): (…, N, Dv).
+
+    The band's sums are exp(m)·[acc, l] (``m`` its row max, ``l`` = 1 in value), the far
+    field's exp(log_scale)·far.  Either may lie far outside fp32's range on its own
+    (|q·k|·scale up to ~90 is fine in exp(s − m) but not in exp(s)), so both are put on
+    one reference per row, ``r = max(m, log_scale + log far_den)``, the log of the larger
+    of the two masses: after it every weight is <= 1 and the larger mass is 1, so the
+    normaliser is >= 1 (no overflow, no underflow of the dominant part) and the
+    smaller part underflows only where it is below fp32's resolution of the sum anyway.
+    ``r`` is detached: a factor common to numerator and normaliser cancels.
+
+    Guard: the far normaliser Σ_{j∉band} φ(q)·φ(k) is >= 0 by construction (positive
+    features), but the bidirectional path gets it as total − band share, and where the
+    band holds nearly all of a row's feature mass the difference is rounding noise of
+    either sign.  Such rows (far_den <= 0) are given no far field, numerator included
+    (it is noise of the same size): the estimate is clamped at 0, as Scatterbrain clamps
+    its approximate normaliser.  Rows with neither part (all keys padded) give 0.
+    """
+    dv = far.shape[-1] - 1
+    far_den = far[..., dv:]  # (…, N, 1)
+    ok = far_den.detach() > 0
+    far = torch.where(ok, far, 0.0)
+    l = band.l[..., None]  # (…, N, 1)
+    log_band = torch.where(l.detach() > 0, band.m[..., None], NEG_INF)
+    log_far = torch.where(ok, log_scale + torch.log(torch.where(ok, far_den.detach(), 1.0)), NEG_INF)
+    ref = torch.maximum(log_band, log_far)
+    ref = torch.where(ref == NEG_INF, 0.0, ref)  # a row without keys: any finite reference
+    w_band = torch.exp(log_band - ref)  # 0 where the band is empty (never inf·0)
+    w_far = torch.exp(torch.where(ok, log_scale, NEG_INF) - ref)
+    num = w_band * band.acc + w_far * far[..., :dv]
+    den = w_band * l + w_far * far[..., dv:]
+    return num / safe_denominator(den)
+
+
+def hybrid_attention(
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, projection: Tensor, scale: float,
+    window: int, is_causal: bool, block: int,
+) -> Tensor:
+    """Hybrid attention on grouped inputs (:meth:`AttentionInputs.grouped`), any float dtype.
+
+    Args:
+        q: (*b, Hkv, G, N, D).  k: (*b, Hkv, 1, S, D).  v: (*b, Hkv, 1, S, Dv).
+        keep: None or the grouped key-padding view (*b', Hkv|1, G|1, 1, S), True = attend.
+        projection: (F, D) random directions.
+        block: query rows per block (band and far field alike).
+
+    Returns:
+        (*b, Hkv, G, N, Dv) in the compute dtype (fp32, fp64 for fp64 inputs).
+    """
+    acc = compute_dtype(q.dtype)
+    n, s = q.shape[-2], k.shape[-2]
+    pattern = LocalPattern(n, s, window, causal=is_causal)
+    band = local_band_stats(q, k, v, keep, pattern, scale, block)
+    if window >= (n if is_causal else s):  # the band holds every visible key: exact attention
+        return band.acc / torch.where(band.l == 0, 1.0, band.l)[..., None]
+    q, k, v, w = q.to(acc), k.to(acc), v.to(acc), projection.to(device=q.device, dtype=acc)
+    keep_t = None if keep is None else keep.transpose(-1, -2)  # (*b', Hkv|1, G|1, S|1, 1)
+    if is_causal:
+        far, log_scale = _far_causal(q, k, v, w, scale, keep_t, window, block)
+    else:
+        far, log_scale = _far_bidirectional(q, k, v, w, scale, keep_t, pattern, block)
+    return _combine(band, far, log_scale)
+
+
+# -- the method ----------------------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True)
+class Hybrid(Method):
+    """Exact sliding-window band + FAVOR+ estimate of the keys outside it (Scatterbrain).
+
+    Query i attends the keys of its Local window exactly (bidirectional: the W keys
+    centred on i, sliding inwards at the ends; causal: the previous W keys) and every
+    other visible key through positive random features, under one normaliser; the
+    band's own random-feature share is removed from the estimate so that no key is
+    counted twice.  See the module docstring for the two far-field paths.
+
+    Equivalent to::
+
+        band = local_mask(N, S, W, is_causal=causal)
+        A = where(band, exp(q @ k.T * scale), φ(q) @ φ(k).T)    # 0 where masked / future
+        out = (A @ v) / A.sum(-1, keepdim=True)
+
+    A window W >= S (causal: >= N) is exact attention.  Key-padding masks (bool, or
+    float 0/-inf), causal, GQA, any leading batch dims; no dropout; no weights returned
+    (use :meth:`implied_weights` for analysis).
+
+    Args:
+        window: W >= 1, keys per query in the exact band.
+        features: F >= 1, random features of the far-field estimate.
+        orthogonal: orthogonal random blocks (lower variance) instead of iid rows.
+        redraw: in a module in training mode, draw new features every ``redraw`` forward
+            calls (0 = never), as :class:`PerformerState`; eval keeps them fixed.
+        seed: seed of the random projection (functional calls use draw 0 of it).
+        block: query rows per block (None: 64, down to 16 for windows under 64).  Causal
+            with block <= W (the default for W >= 16) is leak-free bitwise; a larger
+            block lets a block's first rows share a feature shift with up to
+            block − W later keys, which cancels up to rounding.
+
+    Reference:
+        Chen et al., "Scatterbrain: Unifying Sparse and Low-rank Attention
+        Approximation", NeurIPS 2021.
+    """
+
+    window: int = 256
+    features: int = 128
+    orthogonal: bool = True
+    redraw: int = 0
+    seed: int = 0
+    block: int | None = None
+
+    name: ClassVar[str] = "hybrid"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        exact=False, full_masks=False, dropout=False, double_backward=True, returns_weights=False
+    )
+
+    def __post_init__(self):
+        for field, low in (("window", 1), ("features", 1), ("redraw", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Hybrid({field}={value!r}): {field} must be an int >= {low}")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
+            raise ValueError(f"Hybrid(block={self.block!r}): block must be a positive int or None (automatic)")
+        if not isinstance(self.orthogonal, bool):
+            raise ValueError(f"Hybrid(orthogonal={self.orthogonal!r}): orthogonal must be True or False")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Hybrid(seed={self.seed!r}): seed must be an int")
+
+    def block_size(self) -> int:
+        return choose_block(self.window, self.block)
+
+    def _projection(self, d: int, state: PerformerState | None) -> Tensor:
+        if state is None:
+            return projection_matrix(self.features, d, self.orthogonal, self.seed, 0)
+        if tuple(state.projection.shape) != (self.features, d):
+            raise ValueError(
+                f"Hybrid: the module's projection has shape {tuple(state.projection.shape)} but this call "
+                f"needs (features, head dim) = ({self.features}, {d}); build the state with "
+                f"make_state(num_heads, head_dim={d}) from this config."
+            )
+        return state.projection_for_call()
+
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
+        q, k, v, _ = inp.grouped()  # (*b, Hkv, G, N, D), (*b, Hkv, 1, S, D), (*b, Hkv, 1, S, Dv)
+        far_needed = self.window < (inp.n if inp.is_causal else inp.s)
+        # A module's schedule advances on every call; functional calls with an exact band skip the draw.
+        w = self._projection(inp.d, state) if far_needed or state is not None else q.new_zeros((self.features, inp.d))
+        out = hybrid_attention(q, k, v, inp.key_keep(), w, inp.scale, self.window, inp.is_causal, self.block_size())
+        return inp.ungroup(out).to(inp.dtype), None
+
+    def flops(self, shape: Shape) -> float:
+        """Forward FLOPs of the products that run (2 per multiply-add):
+
+        * band (exact): :meth:`Local.flops`, 2·(D + Dv) per (query, key) pair of the
+          block tiles, about 2·N·(W + C)·(D + Dv) per query head (~4·N·W·D);
+        * features and the (F, Dv+1) key state and its readout: :meth:`Performer.flops`
+          over the far keys, 2·(N + S)·F·D + 2·(N + S)·F·(Dv+1) (~4·N·F·D + 4·N·F·D);
+        * bidirectional band share: 2·(F + Dv + 1) per band-tile pair (~2·N·W·F);
+          causal: the C×C triangles instead, 2·C·C·(F + Dv + 1) per query block.
+
+        With W >= S (causal: >= N) only the band runs.
+        """
+        band = Local(window=self.window, block=self.block_size()).flops(shape)
+        c, per_pair = self.block_size(), 2.0 * shape.batch * shape.hq * (self.features + shape.dv + 1)
+        if self.window >= (shape.n if shape.is_causal else shape.s):
+            return band
+        if shape.is_causal:
+            bounds = causal_key_bounds(shape.n, shape.s, self.window, c)
+            far_keys = bounds[-1]
+            pairs = sum(min(c, shape.n - b * c) * (j1 - j0) for b, (j0, j1) in enumerate(zip(bounds, bounds[1:])))
+        else:
+            far_keys = shape.s
+            pairs = band / (2.0 * shape.batch * shape.hq * (shape.d + shape.dv))  # the band's own tiles
+        feats = Performer(self.features).flops(Shape(shape.batch, shape.hq, shape.hkv, shape.n, far_keys, shape.d, shape.dv))
+        return band + feats + per_pair * pairs
+
+    def implied_weights(self, inp, state=None):
+        """The normalised matrix of :func:`naive_hybrid` in float64: (*b, Hq, N, S)."""
+        w = state.projection if state is not None else projection_matrix(self.features, inp.d, self.orthogonal, self.seed, 0)
+        keep = inp.key_keep()
+        keep = None if keep is None else keep.flatten(-4, -3)  # (*b', Hq|1, 1, S)
+        _, p = naive_hybrid(
+            inp.q.double(), inp.k.double(), inp.v.double(), w.double(), scale=inp.scale, window=self.window,
+            is_causal=inp.is_causal, key_keep=keep,
+        )
+        return p
+
+    def make_state(self, num_heads: int, head_dim: int) -> PerformerState:
+        return PerformerState(self.features, head_dim, self.orthogonal, self.seed, self.redraw)
