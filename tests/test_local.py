@@ -197,6 +197,23 @@ def test_band_stats_reconstruct_softmax_sums():
     assert max_err(out, ref) <= 1e-12 and (st.l[0] == 0).all() and (st.m[0] == 0).all()
 
 
+def test_band_stats_gradcheck_float64():
+    # Gradients reach the statistics through both the output and the log-sum-exp.
+    case = Case(batch=(1,), hq=2, hkv=1, n=7, s=8, d=2, mask="keypad", causal=True)
+    q, k, v, mask = make_inputs(case, torch.float64, requires_grad=True)
+    mask = mask.clone()
+    mask[..., :3] = False  # rows 0-2 see no key: l = 0 there
+    pattern = LocalPattern(7, 8, 3, 0, 1, True)
+
+    def fn(q, k, v):
+        st = local_band_stats(q.unflatten(-3, (1, 2)), k.unsqueeze(-3), v.unsqueeze(-3), mask.unsqueeze(-3), pattern,
+                              0.7, block=2)
+        return st.l * torch.exp(st.m), st.acc * torch.exp(st.m)[..., None]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
 def test_gradcheck_and_gradgradcheck_float64():
     case = Case(batch=(1,), hq=2, hkv=1, n=7, s=8, d=2, mask="keypad", causal=True)
     q, k, v, mask = make_inputs(case, torch.float64, requires_grad=True)
@@ -318,9 +335,14 @@ def test_random_patterns_equal_the_dense_mask_reference(n, s, window, g, sinks, 
         if mask_kind == "float":
             mask = torch.where(mask, torch.randn(n, s, generator=gen, dtype=torch.float64), float("-inf"))
     method = Local(window=window, global_tokens=g, sinks=sinks, block=block)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = attnkit.attention(q, k, v, mask, is_causal=causal, method=method)
     ref = attnkit.reference_attention(q, k, v, dense_mask(mask, local_mask(n, s, window, g, sinks, causal)), is_causal=causal)
     assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for gr, rg in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert max_err(gr, rg) <= 1e-10 * max(1.0, rg.abs().max().item())
+    q, k, v = (t.detach() for t in (q, k, v))
     stats = local_band_stats(*prepare_inputs(q, k, v, mask, 0.0, causal).grouped(), method.pattern(n, s, causal),
                              q.shape[-1] ** -0.5, block)
     band = stats.acc / torch.where(stats.l == 0, 1.0, stats.l)[..., None]

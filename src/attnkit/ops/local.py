@@ -230,14 +230,31 @@ class BandStats(NamedTuple):
 
 
 class _Part(NamedTuple):
-    """One group of keys a query block is scored against: k (…, L, D), v (…, L, Dv), and
-    ``keep`` (bool, True = attend) / ``bias`` (float, added) broadcastable to the
-    (…, rows, L) score tile, or None."""
+    """One group of keys a unit of query rows is scored against.
+
+    k (…, L, D), v (…, L, Dv): views into the keys and values; ``keep`` (bool, True =
+    attend) / ``bias`` (float, added) broadcastable to the (…, rows, L) score tile, or
+    None; ``src`` says where the keys sit, for the backward to put their gradients back:
+    ("slice", j0, j1), ("windows", lo, wk, step) for C overlapping windows, or
+    ("prefix", P) for the prefix keys shared by the C blocks of a run.
+    """
 
     k: Tensor
     v: Tensor
     keep: Tensor | None
     bias: Tensor | None
+    src: tuple
+
+
+class _Unit(NamedTuple):
+    """Query rows computed together: a single block [i0, i1), or a run of C uniform
+    blocks (rows [i0, i0 + C·bq) seen as (…, C, bq, ·) when ``run`` is C)."""
+
+    i0: int
+    i1: int
+    run: int | None
+    parts: list[_Part]
+    may_be_empty: bool
 
 
 def softmax_lastdim(sc: Tensor) -> Tensor:
@@ -251,23 +268,30 @@ def softmax_lastdim(sc: Tensor) -> Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, stats: bool) -> Tensor | BandStats:
+def _scores(qs_i: Tensor, part: _Part) -> tuple[Tensor, Tensor | None]:
+    """Masked scores (…, rows, L) of one part (-inf where not visible), and the visible mask."""
+    sc = torch.matmul(qs_i, part.k.transpose(-1, -2))
+    visible = part.keep
+    if part.bias is not None:
+        sc.add_(part.bias)
+        finite = part.bias != NEG_INF
+        visible = finite if visible is None else visible & finite
+    if visible is not None:
+        sc.masked_fill_(~visible, NEG_INF)
+    return sc, visible
+
+
+def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, want_lse: bool) -> tuple[Tensor, Tensor | None]:
     """softmax over the keys of all ``parts`` at once (one fused softmax), times their values.
 
-    qs_i (…, rows, D) is scaled.  Rows with no visible key give zeros: their scores are
-    unmasked before the softmax (so no NaN reaches autograd) and their output zeroed.
-    Returns (…, rows, Dv), or the rows' :class:`BandStats` when ``stats``.
+    qs_i (…, rows, D) is scaled.  Rows with no visible key give zeros (and lse -inf):
+    their scores are unmasked before the softmax, so no NaN reaches autograd, and their
+    output is zeroed.  Returns out (…, rows, Dv) and, when ``want_lse``, the log-sum-exp
+    of the scores (…, rows).
     """
     scores, row_ok = [], None
     for part in parts:
-        sc = torch.matmul(qs_i, part.k.transpose(-1, -2))  # (…, rows, L)
-        visible = part.keep
-        if part.bias is not None:
-            sc.add_(part.bias)
-            finite = part.bias != NEG_INF
-            visible = finite if visible is None else visible & finite
-        if visible is not None:
-            sc.masked_fill_(~visible, NEG_INF)
+        sc, visible = _scores(qs_i, part)
         if may_be_empty:
             any_ok = visible.any(dim=-1, keepdim=True) if visible is not None else torch.ones((), dtype=torch.bool, device=sc.device)
             row_ok = any_ok if row_ok is None else row_ok | any_ok
@@ -282,17 +306,11 @@ def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, stats: bool) -
     for part, pp in zip(parts, probs):
         o = torch.matmul(pp, part.v)  # (…, rows, Dv)
         out = o if out is None else out + o
+    lse = torch.logsumexp(sc, dim=-1) if want_lse else None
     if row_ok is not None:
         out = out * row_ok
-    if not stats:
-        return out
-    lse = torch.logsumexp(sc, dim=-1)  # (…, rows)
-    m = lse.detach()
-    l = torch.exp(lse - m)
-    if row_ok is not None:
-        ok = row_ok.squeeze(-1).expand_as(lse)
-        m, l = torch.where(ok, m, 0.0), torch.where(ok, l, 0.0)
-    return BandStats(m, l, out * l[..., None])
+        lse = lse.masked_fill(~row_ok.squeeze(-1), NEG_INF) if want_lse else None
+    return out, lse
 
 
 def _user_parts(mask: Tensor | None, i0: int, i1: int, j0: int, j1: int) -> tuple[Tensor | None, Tensor | None]:
@@ -325,21 +343,24 @@ def _band(block: int, window: int, device: torch.device) -> Tensor:
     return (d >= 0) & (d < window)
 
 
-class _Runner:
-    """Runs the block plan: uniform interior blocks in chunks over strided views, the
-    others (sequence ends, prefix overlap, global rows, full masks) one at a time."""
+class _Plan:
+    """The units of work for one call: uniform interior blocks batched in runs over
+    strided views, the others (sequence ends, prefix overlap, global rows) one by one.
 
-    def __init__(self, qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, stats: bool):
-        self.qs, self.k, self.v, self.mask, self.p, self.block, self.stats = qs, k, v, mask, p, block, stats
-        self.lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+    Both the forward and the backward walk the same units, so they agree on which keys
+    each query row was scored against.
+    """
+
+    def __init__(self, n: int, lead: torch.Size, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern,
+                 block: int, batched: bool):
+        self.k, self.v, self.mask, self.p, self.block = k, v, mask, p, block
+        self.lead, self.device = lead, k.device
         self.cache: dict[tuple, Tensor] = {}  # positional masks that depend on j - i only
         width = p.window + block - 1 + p.prefix
-        self.chunk = max(1, _CHUNK_SCORES // max(1, math.prod(self.lead) * block * width))
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qs, k, v, mask)):
-            # Autograd keeps every block's probabilities anyway; one batched run keeps the
-            # backward linear too (each slice of k taken in the forward costs a k-sized
-            # zero tensor in the backward, so per-chunk slices would make it quadratic).
-            self.chunk = p.n
+        # batched: one run for all uniform blocks (the plain-autograd path: per-chunk
+        # slices of k would each cost a k-sized zero tensor in the backward).
+        self.chunk = n if batched else max(1, _CHUNK_SCORES // max(1, math.prod(lead) * block * width))
+        self.global_rows = max(1, 4 * _CHUNK_SCORES // max(1, math.prod(lead) * max(p.s, 1)))
 
     def uniform(self, blk: Block) -> bool:
         """Full size, window away from both ends and the prefix: the shared relative band."""
@@ -363,13 +384,12 @@ class _Runner:
         key = (i0 - j0, i1 - i0, j1 - j0)
         if relative and key in self.cache:
             return self.cache[key]
-        dev = self.qs.device
-        keep = p.keep(torch.arange(i0, i1, device=dev), torch.arange(j0, j1, device=dev))
+        keep = p.keep(torch.arange(i0, i1, device=self.device), torch.arange(j0, j1, device=self.device))
         if relative:
             self.cache[key] = keep
         return keep
 
-    def single(self, blk: Block) -> Tensor | BandStats:
+    def single(self, blk: Block) -> _Unit:
         i0, i1 = blk.i0, blk.i1
         parts = []
         for j0, j1 in blk.segments:
@@ -377,81 +397,194 @@ class _Runner:
             ukeep, bias = _user_parts(self.mask, i0, i1, j0, j1)
             if ukeep is not None:
                 keep = ukeep if keep is None else keep & ukeep
-            parts.append(_Part(self.k[..., j0:j1, :], self.v[..., j0:j1, :], keep, bias))
+            parts.append(_Part(self.k[..., j0:j1, :], self.v[..., j0:j1, :], keep, bias, ("slice", j0, j1)))
         may_be_empty = self.mask is not None or self.p.rows_may_be_empty(i0, i1)
-        return _attend(self.qs[..., i0:i1, :], parts, may_be_empty, self.stats)
+        return _Unit(i0, i1, None, parts, may_be_empty)
 
-    def run(self, blks: list[Block]) -> Tensor | BandStats:
+    def batch(self, blks: list[Block]) -> _Unit:
         """C consecutive uniform blocks as one (…, C, block, ·) computation."""
         p, bq, c = self.p, self.block, len(blks)
         i0, lo = blks[0].i0, blks[0].segments[-1][0]
         wk = p.window + bq - 1
         span = (c - 1) * bq + wk
-        qc = self.qs[..., i0 : i0 + c * bq, :].unflatten(-2, (c, bq))  # (…, C, bq, D)
         kw = self.k[..., lo : lo + span, :].unfold(-2, wk, bq).transpose(-1, -2)  # (…, C, wk, D): a view
         vw = self.v[..., lo : lo + span, :].unfold(-2, wk, bq).transpose(-1, -2)  # (…, C, wk, Dv)
         key = ("band", bq, p.window)
-        band = self.cache.get(key)
-        if band is None:
-            band = self.cache[key] = _band(bq, p.window, self.qs.device)
-        keep, bias = band, None
-        m = self.mask
+        if key not in self.cache:
+            self.cache[key] = _band(bq, p.window, self.device)
+        keep, bias, m = self.cache[key], None, self.mask
         if m is not None:
             mw = _window_tiles(m, i0, lo, c, bq, wk)  # (…', C, bq|1, wk)
             keep, bias = (keep & mw, None) if m.dtype == torch.bool else (keep, mw)
-        parts = [_Part(kw, vw, keep, bias)]
+        parts = [_Part(kw, vw, keep, bias, ("windows", lo, wk, bq))]
         if p.prefix:
             ukeep, ubias = _user_parts(m, i0, i0 + c * bq, 0, p.prefix)
             if m is not None and m.shape[-2] != 1:
                 ukeep, ubias = (t.unflatten(-2, (c, bq)) if t is not None else None for t in (ukeep, ubias))
             else:
                 ukeep, ubias = (t.unsqueeze(-3) if t is not None else None for t in (ukeep, ubias))
-            parts.insert(0, _Part(self.k[..., None, : p.prefix, :], self.v[..., None, : p.prefix, :], ukeep, ubias))
-        res = _attend(qc, parts, m is not None, self.stats)
-        if self.stats:
-            return BandStats(res.m.flatten(-2), res.l.flatten(-2), res.acc.flatten(-3, -2))
-        return res.flatten(-3, -2)  # (…, C·bq, Dv)
+            parts.insert(0, _Part(self.k[..., None, : p.prefix, :], self.v[..., None, : p.prefix, :], ukeep, ubias,
+                                  ("prefix", p.prefix)))
+        return _Unit(i0, i0 + c * bq, c, parts, m is not None)
 
-    def __call__(self) -> Tensor | BandStats:
-        p, qs, v = self.p, self.qs, self.v
-        global_rows = max(1, 4 * _CHUNK_SCORES // max(1, math.prod(self.lead) * max(p.s, 1)))
-        outs, pending = [], []
-
-        def flush():
-            if pending:
-                outs.append(self.run(pending))
-                pending.clear()
-
-        for blk in plan_blocks(p, self.block, global_rows):
+    def __iter__(self):
+        pending: list[Block] = []
+        for blk in plan_blocks(self.p, self.block, self.global_rows):
             if self.uniform(blk):
                 if len(pending) == self.chunk:
-                    flush()
+                    yield self.batch(pending)
+                    pending = []
                 pending.append(blk)
                 continue
-            flush()
-            if not blk.segments:
-                rows = blk.i1 - blk.i0
-                zeros = qs.new_zeros((*self.lead, rows))
-                dv = qs.new_zeros((*self.lead, rows, v.shape[-1]))
-                outs.append(BandStats(zeros, zeros, dv) if self.stats else dv)
-            else:
-                outs.append(self.single(blk))
-        flush()
-        if not outs:  # N == 0
-            zeros = qs.new_zeros((*self.lead, 0))
-            dv = qs.new_zeros((*self.lead, 0, v.shape[-1]))
-            return BandStats(zeros, zeros, dv) if self.stats else dv
-        if self.stats:
-            return BandStats(*(torch.cat([o[f] for o in outs], dim=-1 if f < 2 else -2) for f in range(3)))
-        return torch.cat(outs, dim=-2)
+            if pending:
+                yield self.batch(pending)
+                pending = []
+            yield self.single(blk) if blk.segments else _Unit(blk.i0, blk.i1, None, [], False)
+        if pending:
+            yield self.batch(pending)
 
 
-def _local_blocks(
-    qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, stats: bool
-) -> Tensor | BandStats:
-    """qs (*lead, N, D) scaled, k (*lead', S, D), v (*lead', S, Dv), all in the compute
-    dtype; mask broadcastable to (*lead, N, S) or None."""
-    return _Runner(qs, k, v, mask, p, block, stats)()
+def _rows(x: Tensor, unit: _Unit) -> Tensor:
+    """The unit's rows of a (…, N, ·) tensor, as (…, C, bq, ·) for a run."""
+    x = x[..., unit.i0 : unit.i1, :]
+    return x.unflatten(-2, (unit.run, -1)) if unit.run else x
+
+
+def _forward(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int,
+             want_lse: bool, batched: bool) -> tuple[Tensor, Tensor | None]:
+    """All units: out (*lead, N, Dv) and lse (*lead, N) (when ``want_lse``), in qs's dtype."""
+    lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+    outs, lses = [], []
+    for unit in _Plan(qs.shape[-2], lead, k, v, mask, p, block, batched):
+        rows = unit.i1 - unit.i0
+        if not unit.parts:
+            outs.append(qs.new_zeros((*lead, rows, v.shape[-1])))
+            lses.append(qs.new_full((*lead, rows), NEG_INF))
+            continue
+        out, lse = _attend(_rows(qs, unit), unit.parts, unit.may_be_empty, want_lse)
+        outs.append(out.flatten(-3, -2) if unit.run else out)
+        lses.append((lse.flatten(-2) if unit.run else lse) if want_lse else None)
+    if not outs:  # N == 0
+        return qs.new_zeros((*lead, 0, v.shape[-1])), qs.new_zeros((*lead, 0)) if want_lse else None
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1) if want_lse else None
+
+
+def _put_back(grad: Tensor, part: _Part, dk: Tensor) -> None:
+    """Add a part's key (or value) gradient (…, G, [C,] L, D) into dk (*b, Hkv, 1, S + pad, D)."""
+    kind = part.src[0]
+    if kind == "slice":
+        _, j0, j1 = part.src
+        dst = dk[..., j0:j1, :]
+        dst += grad.sum_to_size(dst.shape)
+    elif kind == "prefix":
+        dst = dk[..., None, : part.src[1], :]
+        dst += grad.sum_to_size(dst.shape)
+    else:  # overlapping windows of C blocks: add window t's piece s at block t + s
+        _, lo, wk, step = part.src
+        c = grad.shape[-3]
+        grad = grad.sum_to_size((*dk.shape[:-2], c, wk, grad.shape[-1]))  # (…, 1, C, wk, D)
+        pieces = -(-wk // step)
+        grad = torch.nn.functional.pad(grad, (0, 0, 0, pieces * step - wk)).unflatten(-2, (pieces, step))
+        dst = dk[..., lo : lo + (c + pieces - 1) * step, :].unflatten(-2, (c + pieces - 1, step))
+        for s in range(pieces):
+            dst[..., s : s + c, :, :] += grad[..., s, :, :]
+
+
+def _backward(qs: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int,
+              out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2-style backward over the forward's units: each score tile is
+    recomputed from the saved lse, gradients accumulate in place; no autograd graph.
+
+    Returns dqs (w.r.t. the scaled queries), dk, dv, in the compute dtype.
+    """
+    lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+    pad = p.window + block  # room for the window gradients' last, partly outside, piece
+    dq = torch.zeros_like(qs)
+    dk = k.new_zeros((*k.shape[:-2], k.shape[-2] + pad, k.shape[-1]))
+    dv = v.new_zeros((*v.shape[:-2], v.shape[-2] + pad, v.shape[-1]))
+    delta = (dout * out).sum(dim=-1)  # (*lead, N)
+    if dlse is not None:
+        delta = delta - dlse
+    lse_safe = torch.where(lse == NEG_INF, float("inf"), lse)  # rows with no key get P = 0
+    for unit in _Plan(qs.shape[-2], lead, k, v, mask, p, block, batched=False):
+        if not unit.parts:
+            continue
+        q_u, do_u = _rows(qs, unit), _rows(dout, unit)
+        lse_u = _rows(lse_safe[..., None], unit)  # (…, [C,] rows, 1)
+        delta_u = _rows(delta[..., None], unit)
+        dq_u = None
+        for part in unit.parts:
+            sc, _ = _scores(q_u, part)
+            prob = sc.sub_(lse_u).exp_()  # (…, rows, L)
+            ds = torch.matmul(do_u, part.v.transpose(-1, -2)).sub_(delta_u).mul_(prob)
+            _put_back(torch.matmul(prob.transpose(-1, -2), do_u), part, dv)
+            _put_back(torch.matmul(ds.transpose(-1, -2), q_u), part, dk)
+            g = torch.matmul(ds, part.k)
+            dq_u = g if dq_u is None else dq_u.add_(g)
+        dq[..., unit.i0 : unit.i1, :] += dq_u.flatten(-3, -2) if unit.run else dq_u
+    return dq, dk[..., : k.shape[-2], :], dv[..., : v.shape[-2], :]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The non-tensor arguments of one Local call (one object for autograd)."""
+
+    pattern: LocalPattern
+    block: int
+    scale: float
+
+
+class _LocalAttention(torch.autograd.Function):
+    """Local attention with a recomputing backward: saves q, k, v, out and lse only.
+
+    q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D), v (*b, Hkv, 1, S, Dv) grouped, any float
+    dtype; mask grouped, without gradient.  Returns out (compute dtype) and lse.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, call: _Call):
+        acc = compute_dtype(q.dtype)
+        out, lse = _forward(q.to(acc) * call.scale, k.to(acc), v.to(acc), mask, call.pattern, call.block,
+                            want_lse=True, batched=False)
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        ctx.call = call
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        call: _Call = ctx.call
+        acc = compute_dtype(q.dtype)
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain-autograd recomputation
+            inputs = [t for t in (q, k, v) if t.requires_grad]
+            out2, lse2 = _forward(q.to(acc) * call.scale, k.to(acc), v.to(acc), mask, call.pattern, call.block,
+                                  want_lse=True, batched=True)
+            outs, grads_in = [out2], [dout]
+            if dlse is not None:
+                outs.append(torch.where(lse2 == NEG_INF, 0.0, lse2))
+                grads_in.append(dlse)
+            grads = iter(torch.autograd.grad(outs, inputs, grads_in, create_graph=True, allow_unused=True))
+            return (*[next(grads) if t.requires_grad else None for t in (q, k, v)], None, None)
+        if dlse is not None:
+            dlse = torch.where(lse == NEG_INF, 0.0, dlse)
+        dq, dk, dv = _backward(q.to(acc) * call.scale, k.to(acc), v.to(acc), mask, call.pattern, call.block,
+                               out, lse, dout.to(acc), dlse)
+        return (dq * call.scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def _local(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, p: LocalPattern, block: int, scale: float,
+           want_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """Grouped q, k, v in any float dtype -> out (*lead, N, Dv) and lse (*lead, N) in the
+    compute dtype.  With gradients: the recomputing autograd Function, or plain autograd
+    over one batched run when a float mask needs its gradient too."""
+    acc = compute_dtype(q.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        return _forward(q.to(acc) * scale, k.to(acc), v.to(acc), mask, p, block, want_lse, batched=True)
+    if needs_grad:
+        out, lse = _LocalAttention.apply(q, k, v, mask, _Call(p, block, scale))
+        return out, lse if want_lse else None
+    return _forward(q.to(acc) * scale, k.to(acc), v.to(acc), mask, p, block, want_lse, batched=False)
 
 
 def local_band_stats(
@@ -474,9 +607,11 @@ def local_band_stats(
         :class:`BandStats` (m, l (*b, Hkv, G, N); acc (*b, Hkv, G, N, Dv)) in fp32,
         fp64 for fp64 inputs.  The band's output is ``acc / l`` (0 where l = 0).
     """
-    acc = compute_dtype(q.dtype)
-    b = choose_block(pattern.window, block)
-    return _local_blocks(q.to(acc) * scale, k.to(acc), v.to(acc), mask, pattern, b, stats=True)
+    out, lse = _local(q, k, v, mask, pattern, choose_block(pattern.window, block), scale, want_lse=True)
+    empty = lse == NEG_INF
+    m = torch.where(empty, 0.0, lse).detach()
+    l = torch.where(empty, 0.0, torch.exp(lse - m))
+    return BandStats(m, l, out * l[..., None])
 
 
 @register
@@ -536,10 +671,8 @@ class Local(Method):
 
     def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         q, k, v, mask = inp.grouped()
-        acc = compute_dtype(inp.dtype)
-        block = choose_block(self.window, self.block)
-        out = _local_blocks(q.to(acc) * inp.scale, k.to(acc), v.to(acc), mask, self.pattern(inp.n, inp.s, inp.is_causal),
-                            block, stats=False)
+        pattern = self.pattern(inp.n, inp.s, inp.is_causal)
+        out, _ = _local(q, k, v, mask, pattern, choose_block(self.window, self.block), inp.scale, want_lse=False)
         return inp.ungroup(out).to(inp.dtype), None
 
     def flops(self, shape: Shape) -> float:
