@@ -5,8 +5,15 @@ StreamingLLM) and the first ``global_tokens`` keys; the first ``global_tokens`` 
 see every key (Longformer/BigBird global tokens).  The fast path walks query blocks
 and scores each against the contiguous key range its window needs (plus the prefix
 columns of sinks and global tokens), with one fp32 softmax per block: it computes
-O(N·(W + block)·D), never an N x S tensor.  Within its pattern it is exact: it equals
-:func:`attnkit.reference_attention` with the dense mask :func:`local_mask`.
+O(N·(W + block)·D), never an N x S tensor.  Interior blocks share one relative band
+mask and run batched over strided views of k and v (no copies).  Within its pattern it
+is exact: it equals :func:`attnkit.reference_attention` with the dense mask
+:func:`local_mask`.
+
+The backward is FlashAttention-2's (Dao 2023): only q, k, v, the output and the
+log-sum-exp are saved, each score tile is recomputed over the same block plan, so
+training memory is O(N·D) plus one chunk of scores.  (A float mask that needs its own
+gradient goes through plain autograd instead: O(N·(W + block)) saved.)
 
 The band computation is exposed as :func:`local_band_stats`, which returns the
 unnormalised softmax statistics (running max ``m``, sum ``l``, accumulator ``acc``) per
@@ -14,6 +21,7 @@ query, so that a method can add its own estimate of the keys outside the band.
 
 References:
     Beltagy et al., "Longformer: The Long-Document Transformer", 2020.
+    Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning", 2023.
     Zaheer et al., "Big Bird: Transformers for Longer Sequences", NeurIPS 2020.
     Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024.
 """
@@ -634,7 +642,8 @@ class Local(Method):
         reference_attention(q, k, v, local_mask(N, S, window, global_tokens, sinks, causal) & attn_mask)
 
     A window >= S (causal: >= N) is exact attention.  Cost O(N·(W + block + sinks)·D +
-    G·S·D) time and O(N·(W + block)) memory for autograd; no N x S tensor.
+    G·S·D) time; memory O(N·D) plus a chunk of scores, forward and backward (a
+    recomputing backward); no N x S tensor.
 
     Args:
         window: W >= 1, keys per query in its window.
