@@ -192,9 +192,10 @@ def run_case(method: str, n: int, mode: str, args) -> dict:
                          f"{fmt_bytes(args.mem_budget)} (--mem-budget-gib)")
         return row
     try:
-        fn = make_case(method, n, mode)
-        row["time"] = timed(fn, args)
-        del fn
+        if not args.no_timing:
+            fn = make_case(method, n, mode)
+            row["time"] = timed(fn, args)
+            del fn
     except Exception as e:  # one failing case must not stop the sweep; it is reported
         row["status"], row["reason"] = "error", f"timing: {type(e).__name__}: {e}"
     gc.collect()
@@ -210,7 +211,7 @@ def run_case(method: str, n: int, mode: str, args) -> dict:
 def lookup(results, method, n, mode, key):
     for r in results:
         if (r["method"], r["n"], r["mode"]) == (method, n, mode) and r["status"] == "ok":
-            return r["time"]["median"] if key == "time" else r["memory"]["peak_bytes"]
+            return r.get("time", {}).get("median") if key == "time" else r["memory"]["peak_bytes"]
     return None
 
 
@@ -297,7 +298,8 @@ def render_sweep(report: dict) -> str:
     res, ns = report["results"], report["config"]["ns"]
     c = report["config"]
     out = header_markdown("Exact attention on CPU", report)
-    out += [n.format(**c) for n in METHOD_NOTES] + [""]
+    notes = METHOD_NOTES[1:] if c["no_timing"] else METHOD_NOTES
+    out += [n.format(**c) for n in notes] + ["Time: not measured (`--no-timing`)." if c["no_timing"] else "", ""]
     out += ["## Targets", ""] + targets_markdown(report["targets"]) + [""]
     out += ["## Time and peak memory", "",
             "| N | method | fwd time | fwd+bwd time | fwd GFLOP/s | fwd+bwd GFLOP/s | peak mem fwd | peak mem fwd+bwd "
@@ -429,10 +431,13 @@ def parse_args(argv=None):
                    help="'quiet': other processes use at most this fraction of all CPUs (default 0.25)")
     p.add_argument("--out", type=Path, help="directory for the JSON and markdown results")
     p.add_argument("--quick", action="store_true", help=f"N in {QUICK_NS}, 3 repeats: under a minute")
+    p.add_argument("--no-timing", action="store_true", help="measure peak memory only (it does not depend on load)")
     p.add_argument("--blocks", action="store_true", help="time tiled at N=4096 for several (block_q, block_k)")
     p.add_argument("--rounds", type=int, default=2, help="--blocks: rounds over the choices, pooled (default 2)")
     args = p.parse_args(argv)
     args.n_given = args.n is not None
+    if args.blocks and args.no_timing:
+        p.error("--blocks times block sizes; --no-timing leaves nothing to do")
     if args.quick:
         args.n = args.n or list(QUICK_NS)
     defaults = {"repeats": (3, 5), "min_run_time": (0.1, 0.5), "quiet_wait": (0.0, 10.0), "retries": (0, 2)}  # (quick, full)
@@ -454,6 +459,7 @@ def main(argv=None) -> int:
         "B": B, "H": H, "D": D, "dtype": str(DTYPE).removeprefix("torch."), "ns": args.n, "methods": args.methods,
         "repeats": args.repeats, "warmup": args.warmup, "min_run_time": args.min_run_time,
         "quiet_wait": args.quiet_wait, "quiet_load": args.quiet_load, "retries": args.retries, "rounds": args.rounds if args.blocks else None,
+        "no_timing": args.no_timing,
         "mem_budget_bytes": args.mem_budget, "memory_probe": "profiler (torch.profiler memory records, fresh process)",
         "command": "python benchmarks/bench_exact.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_s": time.perf_counter() - start,
