@@ -302,9 +302,14 @@ def test_random_configs_match_naive(n, s, window, block, topk, sinks, causal, ke
     gen = torch.Generator().manual_seed(n * 1000 + s)
     mask = torch.arange(s) < torch.randint(0, s + 1, (2, 1, 1, 1), generator=gen) if keypad else None
     method = BlockTopK(window=window, block=block, topk=topk, sinks=sinks, score=score)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = attnkit.attention(q, k, v, mask, is_causal=causal, method=method)
     ref = _naive(q, k, v, mask, causal, method)
     assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for gr, rg in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert max_err(gr, rg) <= 1e-10 * max(1.0, rg.abs().max().item())
+    q, k, v = (t.detach() for t in (q, k, v))
     if topk * block + window >= s:
         exact = attnkit.reference_attention(q, k, v, mask, is_causal=causal)
         assert max_err(out, exact) <= 1e-10 * max(1.0, exact.abs().max().item())

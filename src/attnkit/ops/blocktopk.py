@@ -13,7 +13,9 @@ max over its queries (``score="max"``, N/Bk times dearer).  Attention over the k
 blocks is then exact: keys and values of the window come as a strided view, those of
 the selected blocks are gathered with one ``index_select`` per chunk of query blocks,
 and one fp32 softmax runs over them.  The selection is not differentiable (indices);
-gradients flow through the attention over the kept blocks.
+gradients flow through the attention over the kept blocks, by a FlashAttention-2-style
+backward that recomputes each chunk's scores from the saved log-sum-exp (training
+memory O(N·D) plus one chunk).
 
 Cost: O(N·(W + Bk + (K + sinks/Bk)·Bk)·D) for the attention and O((N/Bk)²·D) for the
 selection (``score="max"``: O(N·(N/Bk)·D) time and N·N/Bk memory, for analysis).  When
@@ -251,85 +253,191 @@ def choose_chunk(lead: int, bk: int, slots: int) -> int:
     return max(1, _CHUNK_TARGET // max(1, lead * bk * slots * bk))
 
 
-def _blocktopk(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: BlockLayout, sel: Selection) -> Tensor:
-    """The gathered attention.  qs (*b, Hkv, G, N, D) scaled, k (*b, Hkv, 1, S, D),
-    v (*b, Hkv, 1, S, Dv) in the compute dtype; keep the grouped key-padding mask or None.
+class _Gathered:
+    """The kept keys and values of chunks of query blocks, for the forward and the backward.
 
-    Returns (*b, Hkv, G, N, Dv).
+    Window blocks come as a strided view of k (consecutive windows: no copy; the few
+    shifted in at the sequence ends are copied), the extra blocks with one
+    ``index_select`` per chunk from a flat (blocks, bk·D) view.
     """
-    bk, nqb, nkb, nwin = layout.bk, layout.nqb, layout.nkb, layout.nwin
-    dev = qs.device
-    e = sel.extra.shape[-1]
-    lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
-    qb = _pad_len(qs, nqb * bk).unflatten(-2, (nqb, bk))  # (*b, Hkv, G, nqb, bk, D)
-    kp, vp = _pad_len(k, nkb * bk), _pad_len(v, nkb * bk)  # (*b, Hkv, 1, nkb·bk, D)
-    kwin = kp.unfold(-2, nwin * bk, bk)  # (*b, Hkv, 1, nkb-nwin+1, D, nwin·bk): a view
-    vwin = vp.unfold(-2, nwin * bk, bk).transpose(-1, -2)  # (…, nkb-nwin+1, nwin·bk, Dv)
-    # Gather the extra blocks from a flat (blocks, bk·D) view: one index_select per chunk.
-    kv_lead = k.shape[:-3]  # (*b, Hkv)
-    nl = math.prod(kv_lead)
-    kflat = kp.reshape(nl * nkb, bk * k.shape[-1])
-    vflat = vp.reshape(nl * nkb, bk * v.shape[-1])
-    base = (torch.arange(nl, device=dev) * nkb).view(*kv_lead, 1, 1, 1)
-    gidx = sel.extra + base  # (*b, Hkv, G, nqb, E)
-    valid = _key_keep(layout, keep, dev)  # (…', nkb·bk) or None
-    # Which gathered keys are visible: a used slot, within S, not padded.
-    ok_e = sel.extra_ok[..., None].expand(*sel.extra_ok.shape, bk)  # (…, nqb, E, bk)
-    if valid is not None:
-        vb = valid.unflatten(-1, (nkb, bk)).expand(*lead, nkb, bk)
-        ok_e = ok_e & torch.gather(vb, -2, sel.extra.flatten(-2)[..., None].expand(*lead, nqb * e, bk)).view(ok_e.shape)
-    ok_e = ok_e.flatten(-2)  # (…, nqb, E·bk)
-    valid_win = valid.unfold(-1, nwin * bk, bk) if valid is not None else None  # (…', nkb-nwin+1, nwin·bk)
-    los = layout.los()
-    chunk = choose_chunk(math.prod(lead), bk, nwin + e)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, k, v)):
-        # Autograd keeps every block's probabilities anyway; one batched step keeps the
-        # backward linear (each chunk's slice of the key views would cost a full-size
-        # zero tensor in the backward, quadratic over all chunks).
-        chunk = nqb
-    may_be_empty = keep is not None
-    outs = []
-    for b0 in range(0, nqb, chunk):
-        b1 = min(b0 + chunk, nqb)
+
+    def __init__(self, qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: BlockLayout, sel: Selection):
+        bk, nqb, nkb, nwin = layout.bk, layout.nqb, layout.nkb, layout.nwin
+        self.layout, self.sel, self.device = layout, sel, qs.device
+        self.e = e = sel.extra.shape[-1]
+        self.lead = lead = torch.broadcast_shapes(qs.shape[:-2], k.shape[:-2])
+        self.kp, self.vp = _pad_len(k, nkb * bk), _pad_len(v, nkb * bk)  # (*b, Hkv, 1, nkb·bk, D)
+        self.kwin = self.kp.unfold(-2, nwin * bk, bk)  # (*b, Hkv, 1, nkb-nwin+1, D, nwin·bk): a view
+        self.vwin = self.vp.unfold(-2, nwin * bk, bk).transpose(-1, -2)  # (…, nkb-nwin+1, nwin·bk, Dv)
+        kv_lead = k.shape[:-3]  # (*b, Hkv)
+        nl = math.prod(kv_lead)
+        self.kflat = self.kp.reshape(nl * nkb, bk * k.shape[-1])
+        self.vflat = self.vp.reshape(nl * nkb, bk * v.shape[-1])
+        self.gidx = sel.extra + (torch.arange(nl, device=self.device) * nkb).view(*kv_lead, 1, 1, 1)  # (…, nqb, E)
+        valid = _key_keep(layout, keep, self.device)  # (…', nkb·bk) or None
+        # Which gathered keys are visible: a used slot, within S, not padded.
+        ok_e = sel.extra_ok[..., None].expand(*sel.extra_ok.shape, bk)  # (…, nqb, E, bk)
+        if valid is not None:
+            vb = valid.unflatten(-1, (nkb, bk)).expand(*lead, nkb, bk)
+            ok_e = ok_e & torch.gather(vb, -2, sel.extra.flatten(-2)[..., None].expand(*lead, nqb * e, bk)).view(ok_e.shape)
+        self.ok_e = ok_e.flatten(-2)  # (…, nqb, E·bk)
+        self.valid_win = valid.unfold(-1, nwin * bk, bk) if valid is not None else None  # (…', nkb-nwin+1, nwin·bk)
+        self.los = layout.los()
+        self.may_be_empty = keep is not None
+
+    def chunk(self, b0: int, b1: int):
+        """Keys, values and visibility of query blocks [b0, b1): kw (…, C, D, nwin·bk) (keys
+        transposed), vw (…, C, nwin·bk, Dv), ke (…, C, E·bk, D), ve, and the masks of both."""
+        lay, los, dev = self.layout, self.los, self.device
+        bk, nwin = lay.bk, lay.nwin
         if los[b1 - 1] - los[b0] == b1 - 1 - b0:  # consecutive windows: a slice of the view
             sl = slice(los[b0], los[b0] + b1 - b0)
-            kw, vw = kwin[..., sl, :, :], vwin[..., sl, :, :]
-            vw_keep = valid_win[..., sl, :] if valid_win is not None else None
+            kw, vw = self.kwin[..., sl, :, :], self.vwin[..., sl, :, :]
+            vw_keep = self.valid_win[..., sl, :] if self.valid_win is not None else None
         else:  # windows shifted inwards at the ends: copy those few
             ix = torch.tensor(los[b0:b1], device=dev)
-            kw, vw = kwin.index_select(-3, ix), vwin.index_select(-3, ix)
-            vw_keep = valid_win.index_select(-2, ix) if valid_win is not None else None
-        g = gidx[..., b0:b1, :].reshape(-1)
-        shape = (*gidx.shape[:-2], b1 - b0, e * bk)
-        ke = kflat.index_select(0, g).view(*shape, k.shape[-1])  # (*b, Hkv, G, C, E·bk, D)
-        ve = vflat.index_select(0, g).view(*shape, v.shape[-1])
-        qc = qb[..., b0:b1, :, :]  # (*b, Hkv, G, C, bk, D)
-        s_w = torch.matmul(qc, kw)  # (*b, Hkv, G, C, bk, nwin·bk)
-        s_e = torch.matmul(qc, ke.transpose(-1, -2))  # (*b, Hkv, G, C, bk, E·bk)
+            kw, vw = self.kwin.index_select(-3, ix), self.vwin.index_select(-3, ix)
+            vw_keep = self.valid_win.index_select(-2, ix) if self.valid_win is not None else None
+        g = self.gidx[..., b0:b1, :].reshape(-1)
+        shape = (*self.gidx.shape[:-2], b1 - b0, self.e * bk)
+        ke = self.kflat.index_select(0, g).view(*shape, self.kp.shape[-1])  # (*b, Hkv, G, C, E·bk, D)
+        ve = self.vflat.index_select(0, g).view(*shape, self.vp.shape[-1])
         win_ok = vw_keep[..., None, :] if vw_keep is not None else None  # (…', C, 1, nwin·bk)
-        if layout.causal:
+        if lay.causal:
             rows = (torch.arange(b0, b1, device=dev) * bk)[:, None, None] + torch.arange(bk, device=dev)[:, None]
             cols = (torch.tensor(los[b0:b1], device=dev) * bk)[:, None, None] + torch.arange(nwin * bk, device=dev)
             causal = cols <= rows  # (C, bk, nwin·bk)
             win_ok = causal if win_ok is None else win_ok & causal
-        if win_ok is not None:
-            s_w.masked_fill_(~win_ok, NEG_INF)
-        e_ok = ok_e[..., b0:b1, None, :]  # (…, C, 1, E·bk)
-        s_e.masked_fill_(~e_ok, NEG_INF)
+        return kw, vw, ke, ve, win_ok, self.ok_e[..., b0:b1, None, :]
+
+    def put_back(self, b0: int, b1: int, dk: Tensor, dk_win: Tensor, dk_e: Tensor) -> None:
+        """Add gradients of the chunk's window keys (…, G, C, nwin·bk, D) and extra keys
+        (…, G, C, E·bk, D) into dk (*b, Hkv, 1, nkb, bk, D) (also used for values)."""
+        bk, nwin = self.layout.bk, self.layout.nwin
+        c = b1 - b0
+        d = dk.shape[-1]
+        dk_win = dk_win.sum_to_size((*dk.shape[:-3], c, nwin * bk, d)).unflatten(-2, (nwin, bk))
+        lo = torch.tensor(self.los[b0:b1], device=self.device)
+        for t in range(nwin):  # window slot t of block b is key block lo(b) + t
+            dk.index_add_(-3, lo + t, dk_win[..., t, :, :])
+        dk.view(-1, bk * d).index_add_(0, self.gidx[..., b0:b1, :].reshape(-1), dk_e.reshape(-1, bk * d))
+
+
+def _chunk_scores(qc: Tensor, kw: Tensor, ke: Tensor, win_ok: Tensor | None, e_ok: Tensor) -> tuple[Tensor, Tensor]:
+    s_w = torch.matmul(qc, kw)  # (*b, Hkv, G, C, bk, nwin·bk)
+    s_e = torch.matmul(qc, ke.transpose(-1, -2))  # (*b, Hkv, G, C, bk, E·bk)
+    if win_ok is not None:
+        s_w.masked_fill_(~win_ok, NEG_INF)
+    s_e.masked_fill_(~e_ok, NEG_INF)
+    return s_w, s_e
+
+
+def _forward(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: BlockLayout, sel: Selection,
+             want_lse: bool, batched: bool) -> tuple[Tensor, Tensor | None]:
+    """The gathered attention.  qs (*b, Hkv, G, N, D) scaled, k (*b, Hkv, 1, S, D),
+    v (*b, Hkv, 1, S, Dv) in the compute dtype; keep the grouped key-padding mask or None.
+
+    Returns out (*b, Hkv, G, N, Dv) and, when ``want_lse``, the log-sum-exp of each row's
+    kept scores (*b, Hkv, G, nqb·bk), -inf where a row keeps no key.  ``batched``: all
+    query blocks in one step (the plain-autograd path: per-chunk slices of the key views
+    would each cost a full-size zero tensor in the backward).
+    """
+    bk, nqb, nwin = layout.bk, layout.nqb, layout.nwin
+    gat = _Gathered(qs, k, v, keep, layout, sel)
+    qb = _pad_len(qs, nqb * bk).unflatten(-2, (nqb, bk))  # (*b, Hkv, G, nqb, bk, D)
+    chunk = nqb if batched else choose_chunk(math.prod(gat.lead), bk, nwin + gat.e)
+    outs, lses = [], []
+    for b0 in range(0, nqb, chunk):
+        b1 = min(b0 + chunk, nqb)
+        kw, vw, ke, ve, win_ok, e_ok = gat.chunk(b0, b1)
+        s_w, s_e = _chunk_scores(qb[..., b0:b1, :, :], kw, ke, win_ok, e_ok)
         sc = torch.cat([s_w, s_e], dim=-1)
         row_ok = None
-        if may_be_empty:
-            w_any = win_ok.any(dim=-1, keepdim=True) if win_ok is not None else torch.ones((), dtype=torch.bool, device=dev)
+        if gat.may_be_empty:
+            w_any = win_ok.any(dim=-1, keepdim=True) if win_ok is not None else torch.ones((), dtype=torch.bool, device=sc.device)
             row_ok = w_any | e_ok.any(dim=-1, keepdim=True)
             sc.masked_fill_(~row_ok, 0.0)
         # split, not slicing: a slice's backward zero-fills a tensor the size of p.
-        p_w, p_e = softmax_lastdim(sc).split([nwin * bk, e * bk], dim=-1)
+        p_w, p_e = softmax_lastdim(sc).split([nwin * bk, gat.e * bk], dim=-1)
         out = torch.matmul(p_w, vw) + torch.matmul(p_e, ve)  # (…, C, bk, Dv)
+        lse = torch.logsumexp(sc, dim=-1) if want_lse else None  # (…, C, bk)
         if row_ok is not None:
             out = out * row_ok
+            lse = lse.masked_fill(~row_ok.squeeze(-1), NEG_INF) if want_lse else None
         outs.append(out)
-    out = torch.cat(outs, dim=-3).flatten(-3, -2)  # (*b, Hkv, G, nqb·bk, Dv)
-    return out[..., : layout.n, :]
+        lses.append(lse)
+    out = torch.cat(outs, dim=-3).flatten(-3, -2)[..., : layout.n, :]  # (*b, Hkv, G, N, Dv)
+    return out, torch.cat(lses, dim=-2).flatten(-2) if want_lse else None
+
+
+def _backward(qs: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, layout: BlockLayout, sel: Selection,
+              out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention-2-style backward over the forward's chunks: scores recomputed from
+    the saved lse, gradients added in place.  Returns dqs (w.r.t. the scaled queries), dk, dv."""
+    bk, nqb, nkb, nwin = layout.bk, layout.nqb, layout.nkb, layout.nwin
+    gat = _Gathered(qs, k, v, keep, layout, sel)
+    qb = _pad_len(qs, nqb * bk).unflatten(-2, (nqb, bk))  # (*b, Hkv, G, nqb, bk, D)
+    dob = _pad_len(dout, nqb * bk).unflatten(-2, (nqb, bk))
+    delta = _pad_len((dout * out).sum(dim=-1, keepdim=True), nqb * bk).unflatten(-2, (nqb, bk))  # (…, nqb, bk, 1)
+    lse = torch.where(lse == NEG_INF, float("inf"), lse).unflatten(-1, (nqb, bk))[..., None]  # no key: P = 0
+    dq = torch.zeros_like(qb)
+    dk = k.new_zeros((*k.shape[:-2], nkb, bk, k.shape[-1]))  # (*b, Hkv, 1, nkb, bk, D)
+    dv = v.new_zeros((*v.shape[:-2], nkb, bk, v.shape[-1]))
+    chunk = choose_chunk(math.prod(gat.lead), bk, nwin + gat.e)
+    for b0 in range(0, nqb, chunk):
+        b1 = min(b0 + chunk, nqb)
+        kw, vw, ke, ve, win_ok, e_ok = gat.chunk(b0, b1)
+        qc, doc = qb[..., b0:b1, :, :], dob[..., b0:b1, :, :]
+        s_w, s_e = _chunk_scores(qc, kw, ke, win_ok, e_ok)
+        p_w = s_w.sub_(lse[..., b0:b1, :, :]).exp_()
+        p_e = s_e.sub_(lse[..., b0:b1, :, :]).exp_()
+        ds_w = torch.matmul(doc, vw.transpose(-1, -2)).sub_(delta[..., b0:b1, :, :]).mul_(p_w)
+        ds_e = torch.matmul(doc, ve.transpose(-1, -2)).sub_(delta[..., b0:b1, :, :]).mul_(p_e)
+        dq[..., b0:b1, :, :] = torch.matmul(ds_w, kw.transpose(-1, -2)).add_(torch.matmul(ds_e, ke))
+        gat.put_back(b0, b1, dk, torch.matmul(ds_w.transpose(-1, -2), qc), torch.matmul(ds_e.transpose(-1, -2), qc))
+        gat.put_back(b0, b1, dv, torch.matmul(p_w.transpose(-1, -2), doc), torch.matmul(p_e.transpose(-1, -2), doc))
+    dq = dq.flatten(-3, -2)[..., : layout.n, :]
+    return dq, dk.flatten(-3, -2)[..., : layout.s, :], dv.flatten(-3, -2)[..., : layout.s, :]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The non-tensor arguments of one BlockTopK attention call (one object for autograd)."""
+
+    layout: BlockLayout
+    scale: float
+
+
+class _BlockTopKAttention(torch.autograd.Function):
+    """Attention over the selected blocks with a recomputing backward: saves q, k, v, the
+    selection, the output and the lse -- O(N·D) -- instead of every block's probabilities
+    and gathered keys.  q (*b, Hkv, G, N, D), k, v (*b, Hkv, 1, S, ·) grouped."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, keep, extra, extra_ok, call: _Call):
+        acc = compute_dtype(q.dtype)
+        sel = Selection(extra, extra_ok)
+        out, lse = _forward(q.to(acc) * call.scale, k.to(acc), v.to(acc), keep, call.layout, sel, want_lse=True,
+                            batched=False)
+        ctx.save_for_backward(q, k, v, keep, extra, extra_ok, out, lse)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, keep, extra, extra_ok, out, lse = ctx.saved_tensors
+        call: _Call = ctx.call
+        acc = compute_dtype(q.dtype)
+        sel = Selection(extra, extra_ok)
+        if torch.is_grad_enabled():  # create_graph=True: differentiate a plain-autograd recomputation
+            inputs = [t for t in (q, k, v) if t.requires_grad]
+            out2, _ = _forward(q.to(acc) * call.scale, k.to(acc), v.to(acc), keep, call.layout, sel, want_lse=False,
+                               batched=True)
+            grads = iter(torch.autograd.grad(out2, inputs, dout, create_graph=True, allow_unused=True))
+            return (*[next(grads) if t.requires_grad else None for t in (q, k, v)], None, None, None, None)
+        dq, dk, dv = _backward(q.to(acc) * call.scale, k.to(acc), v.to(acc), keep, call.layout, sel, out, lse,
+                               dout.to(acc))
+        return (dq * call.scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 @register
@@ -392,7 +500,10 @@ class BlockTopK(Method):
         layout = self.layout(inp.n, inp.s, inp.is_causal)
         keep = inp.key_keep()
         sel = select_blocks(qs, k32, keep, layout, self.topk, self.score)
-        out = _blocktopk(qs, k32, v32, keep, layout, sel)
+        if inp.requires_grad:
+            out = _BlockTopKAttention.apply(q, k, v, keep, sel.extra, sel.extra_ok, _Call(layout, inp.scale))
+        else:
+            out, _ = _forward(qs, k32, v32, keep, layout, sel, want_lse=False, batched=False)
         return inp.ungroup(out).to(inp.dtype), None
 
     def selection_flops(self, shape: Shape) -> float:
