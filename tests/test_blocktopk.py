@@ -278,7 +278,7 @@ def test_multihead_attention_forward_backward():
 
 def test_torch_compile_matches_eager():
     case = Case(batch=(1,), hq=4, hkv=2, n=40, s=40, d=16, mask="keypad", causal=True)
-    q, k, v, mask = make_inputs(case)
+    q, k, v, mask = make_inputs(case, requires_grad=True)
     method = BlockTopK(window=8, block=8, topk=2, sinks=1)
 
     def fn(q, k, v):
@@ -288,7 +288,10 @@ def test_torch_compile_matches_eager():
     explanation = torch._dynamo.explain(fn)(q, k, v)
     assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    assert max_err(compiled(q, k, v), fn(q, k, v)) <= 1e-6
+    out, ref = compiled(q, k, v), fn(q, k, v)
+    assert max_err(out, ref) <= 1e-6
+    for g, rg in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        assert max_err(g, rg) <= 1e-6
 
 
 @settings(max_examples=60, deadline=None)
