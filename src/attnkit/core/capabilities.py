@@ -43,6 +43,7 @@ class Capabilities:
         deterministic: same inputs (and seed) give bitwise-same output on CPU.
         returns_weights: can return the attention probabilities (for need_weights).
         available: usable in this environment; when False, ``unavailable_reason`` says why.
+        causal_note: why causal is not supported (for the refusal message), if it is not.
     """
 
     exact: bool
@@ -60,6 +61,7 @@ class Capabilities:
     returns_weights: bool = False
     available: bool = True
     unavailable_reason: str = ""
+    causal_note: str = ""
 
     def as_dict(self) -> dict[str, object]:
         out = {}
@@ -97,7 +99,11 @@ class Method:
         if inp.dtype not in caps.dtypes:
             reasons.append(f"dtype {inp.dtype} not in {[str(d) for d in caps.dtypes]}")
         if inp.is_causal and not caps.causal:
-            reasons.append("is_causal=True is not supported")
+            from .registry import methods  # the registry imports this module
+
+            causal = sorted(name for name, c in methods().items() if c.causal)
+            note = f": {caps.causal_note}" if caps.causal_note else ""
+            reasons.append(f"is_causal=True is not supported{note}; methods that support causal attention: {causal}")
         if inp.mask_kind is not None and inp.mask_kind not in caps.mask_kinds:
             reasons.append(f"a {inp.mask_kind} attn_mask is not supported (supports {list(caps.mask_kinds)})")
         if inp.attn_mask is not None and not caps.full_masks:

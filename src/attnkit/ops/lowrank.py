@@ -63,13 +63,12 @@ from torch import Tensor, nn
 from ..core.capabilities import Capabilities, Method
 from ..core.inputs import AttentionInputs, Shape
 from ..core.reference import safe_softmax
-from ..core.registry import methods, register
+from ..core.registry import register
 from .tiled import compute_dtype
 
 __all__ = [
     "LowRank",
     "LowRankProjections",
-    "causal_refusal",
     "grouped_sdpa",
     "naive_lowrank",
     "projection_matrices",
@@ -318,12 +317,6 @@ def grouped_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: fl
     return out.reshape(*b, hkv, g, n, dv)
 
 
-def causal_refusal(why: str) -> str:
-    """The refusal of is_causal, naming the registered methods that support it."""
-    causal = sorted(name for name, caps in methods().items() if caps.causal)
-    return f"is_causal=True is not supported: {why}; methods that support causal attention: {causal}"
-
-
 def key_keep(inp: AttentionInputs) -> Tensor | None:
     """The bool key-padding mask as (*b', Hkv|1, G|1, S), or None."""
     keep = inp.key_keep()
@@ -363,6 +356,7 @@ class LowRank(Method):
     capabilities: ClassVar[Capabilities] = Capabilities(
         exact=False,
         causal=False,
+        causal_note="Linformer's projection mixes every key position into each pooled key",
         full_masks=False,
         causal_with_mask=False,
         dropout=False,
@@ -396,9 +390,6 @@ class LowRank(Method):
 
     def not_supported_reasons(self, inp: AttentionInputs, *, need_weights: bool = False) -> list[str]:
         reasons = super().not_supported_reasons(inp, need_weights=need_weights)
-        if inp.is_causal:
-            reasons = [r for r in reasons if r != "is_causal=True is not supported"]
-            reasons.insert(0, causal_refusal("Linformer's projection mixes every key position into each pooled key"))
         if self.projection == "learned" and self.max_len is not None and inp.s > self.max_len:
             reasons.append(
                 f"S={inp.s} keys exceed max_len={self.max_len} of the learned projection "

@@ -46,7 +46,7 @@ from ..core.capabilities import Capabilities, Method
 from ..core.inputs import AttentionInputs, Shape
 from ..core.reference import safe_softmax
 from ..core.registry import register
-from .lowrank import causal_refusal, grouped_sdpa, key_keep, segment_mean_matrix, segment_means
+from .lowrank import grouped_sdpa, key_keep, segment_mean_matrix, segment_means
 from .tiled import compute_dtype
 
 __all__ = ["Nystrom", "naive_nystrom", "newton_schulz_pinv"]
@@ -161,6 +161,7 @@ class Nystrom(Method):
     capabilities: ClassVar[Capabilities] = Capabilities(
         exact=False,
         causal=False,
+        causal_note="every Nyström landmark averages queries and keys over the whole sequence",
         full_masks=False,
         causal_with_mask=False,
         dropout=False,
@@ -174,14 +175,6 @@ class Nystrom(Method):
             raise ValueError(f"Nystrom(landmarks={self.landmarks!r}): landmarks must be an int >= 1 (e.g. 64)")
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
             raise ValueError(f"Nystrom(iters={self.iters!r}): iters must be an int >= 1 (the paper uses 6)")
-
-    def not_supported_reasons(self, inp: AttentionInputs, *, need_weights: bool = False) -> list[str]:
-        reasons = super().not_supported_reasons(inp, need_weights=need_weights)
-        if inp.is_causal:
-            reasons = [r for r in reasons if r != "is_causal=True is not supported"]
-            why = "every Nyström landmark averages queries and keys over the whole sequence"
-            reasons.insert(0, causal_refusal(why))
-        return reasons
 
     def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         ct = compute_dtype(inp.dtype)
