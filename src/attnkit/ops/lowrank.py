@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from ..core.capabilities import Capabilities, Method
 from ..core.inputs import AttentionInputs, Shape
 from ..core.reference import safe_softmax
+from ..core.random import seeded_generator
 from ..core.registry import register
 from .tiled import compute_dtype
 
@@ -177,7 +178,7 @@ class LowRankProjections(nn.Module):
 def _random_projections(seed: int, r: int, s: int) -> tuple[Tensor, Tensor]:
     """E, F (R, S) fp32 on CPU, entries N(0, 1/R), from a generator seeded by ``seed``
     (cached: the same tensors for the same arguments; never modified in place)."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     e = torch.randn(r, s, generator=g) / math.sqrt(r)  # (R, S)
     f = torch.randn(r, s, generator=g) / math.sqrt(r)  # (R, S)
     return e, f

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..core.capabilities import Capabilities, Method
 from ..core.inputs import AttentionInputs, Shape
 from ..core.reference import causal_keep
+from ..core.random import seeded_generator
 from ..core.registry import register
 
 __all__ = [
@@ -60,23 +61,10 @@ BLOCK_ELEMENTS = 1 << 20  # fp32 elements of one feature block (4 MiB): see bloc
 # -- random features -----------------------------------------------------------------
 
 
-def _splitmix64(x: int) -> int:
-    mask = (1 << 64) - 1
-    x = (x + 0x9E3779B97F4A7C15) & mask
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-    return x ^ (x >> 31)
-
-
 def feature_generator(seed: int, draw: int = 0) -> torch.Generator:
-    """The CPU generator of draw number ``draw`` (0 = the first) for config seed ``seed``.
-
-    The seed is hashed (splitmix64), not used as is: with ``manual_seed(seed)`` the
-    projection for seed 0 would be the very numbers of ``torch.manual_seed(0);
-    torch.randn(...)`` -- data drawn that way would then align with the features
-    (measured: a 20x biased estimate on such inputs).
-    """
-    return torch.Generator().manual_seed(_splitmix64(_splitmix64(seed % (1 << 64)) ^ draw))
+    """The CPU generator of draw number ``draw`` (0 = the first) for config seed ``seed``
+    (hashed: see :func:`attnkit.core.random.seeded_generator`)."""
+    return seeded_generator(seed, draw)
 
 
 def draw_features(features: int, dim: int, orthogonal: bool = True, *, generator: torch.Generator) -> Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.random import seeded_generator
 from ..core.reference import causal_keep
 
 __all__ = ["TileParams", "tiled_attention", "tiled_weights", "choose_blocks", "compute_dtype", "dropout_keep_tile"]
@@ -68,8 +69,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def dropout_keep_tile(seed: int, i: int, j: int, shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """Bool keep-mask of one (query block i, key block j) tile; the same for the same args."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + i * 65_537 + j) % (1 << 63))
+    g = seeded_generator(seed, i, j, device=device)
     return torch.rand(shape, generator=g, device=device) >= p
 
 
