@@ -19,17 +19,27 @@ from .core import (
 )
 from .core.registry import MethodSpec, run
 from .ops import SDPA, Exact, Math, Tiled
+from .ops.blocktopk import BlockTopK
+from .ops.local import Local
+from .ops.lowrank import LowRank
+from .ops.nystrom import Nystrom
+from .ops.performer import Performer
 from .nn import MultiheadAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionInputError",
+    "BlockTopK",
     "Capabilities",
     "Exact",
+    "Local",
+    "LowRank",
     "Math",
     "MethodNotSupportedError",
     "MultiheadAttention",
+    "Nystrom",
+    "Performer",
     "SDPA",
     "Tiled",
     "attention",

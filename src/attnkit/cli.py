@@ -33,7 +33,7 @@ def _methods_table() -> str:
                 "yes" if caps.available else f"no: {caps.unavailable_reason}",
                 ",".join(d["devices"]),
                 ",".join(_SHORT_DTYPES[t] for t in d["dtypes"]),
-                ",".join(d["mask_kinds"]) or "-",
+                (",".join(d["mask_kinds"]) or "-") + ("" if d["full_masks"] else " (key padding only)"),
             ]
             + ["yes" if d[key] else "no" for key, _ in _FLAGS]
         )
