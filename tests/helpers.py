@@ -55,7 +55,7 @@ def make_inputs(case: Case, dtype=torch.float32, *, seed: int = 0, requires_grad
     mask = None
     if case.mask in ("bool", "float"):
         keep = torch.rand(case.n, case.s, generator=g) > 0.3
-        keep[3] = False  # a fully masked query row
+        keep[min(3, case.n - 1)] = False  # a fully masked query row
         mask = keep if case.mask == "bool" else torch.where(keep, rnd(case.n, case.s) * 0.5, -math.inf).to(dtype)
     elif case.mask in ("keypad", "keypad-float"):
         keep = torch.ones(*case.batch, 1, 1, case.s, dtype=torch.bool)
