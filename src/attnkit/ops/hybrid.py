@@ -288,7 +288,7 @@ def _combine(band: BandStats, far: Tensor, log_scale: Tensor) -> Tensor:
 
 
 def hybrid_attention(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, projection: Tensor, scale: float,
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, projection: Tensor | None, scale: float,
     window: int, is_causal: bool, block: int,
 ) -> Tensor:
     """Hybrid attention on grouped inputs (:meth:`AttentionInputs.grouped`), any float dtype.
@@ -296,7 +296,7 @@ def hybrid_attention(
     Args:
         q: (*b, Hkv, G, N, D).  k: (*b, Hkv, 1, S, D).  v: (*b, Hkv, 1, S, Dv).
         keep: None or the grouped key-padding view (*b', Hkv|1, G|1, 1, S), True = attend.
-        projection: (F, D) random directions.
+        projection: (F, D) random directions; None when the band covers every key.
         block: query rows per block (band and far field alike).
 
     Returns:
@@ -306,7 +306,7 @@ def hybrid_attention(
     n, s = q.shape[-2], k.shape[-2]
     pattern = LocalPattern(n, s, window, causal=is_causal)
     band = local_band_stats(q, k, v, keep, pattern, scale, block)
-    if window >= (n if is_causal else s):  # the band holds every visible key: exact attention
+    if projection is None or window >= (n if is_causal else s) or n == 0:  # the band holds every key: exact
         return band.acc / torch.where(band.l == 0, 1.0, band.l)[..., None]
     q, k, v, w = q.to(acc), k.to(acc), v.to(acc), projection.to(device=q.device, dtype=acc)
     keep_t = None if keep is None else keep.transpose(-1, -2)  # (*b', Hkv|1, G|1, S|1, 1)
@@ -397,10 +397,12 @@ class Hybrid(Method):
         return state.projection_for_call()
 
     def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
+        # The projection first: drawing it is a graph break under torch.compile (a
+        # torch.Generator cannot be made in a compiled region); before any tensor op,
+        # the computation stays one graph.  A module's schedule advances on every call.
+        far_needed = inp.n > 0 and self.window < (inp.n if inp.is_causal else inp.s)
+        w = self._projection(inp.d, state) if far_needed or state is not None else None
         q, k, v, _ = inp.grouped()  # (*b, Hkv, G, N, D), (*b, Hkv, 1, S, D), (*b, Hkv, 1, S, Dv)
-        far_needed = self.window < (inp.n if inp.is_causal else inp.s)
-        # A module's schedule advances on every call; functional calls with an exact band skip the draw.
-        w = self._projection(inp.d, state) if far_needed or state is not None else q.new_zeros((self.features, inp.d))
         out = hybrid_attention(q, k, v, inp.key_keep(), w, inp.scale, self.window, inp.is_causal, self.block_size())
         return inp.ungroup(out).to(inp.dtype), None
 
