@@ -16,7 +16,7 @@ from attnkit.core.registry import resolve, run
 from attnkit.ops import hybrid as hyb
 from attnkit.ops.hybrid import Hybrid, naive_hybrid
 from attnkit.ops.local import Local, LocalPattern, local_mask
-from attnkit.ops.performer import Performer, projection_matrix
+from attnkit.ops.performer import Performer, positive_features, projection_matrix
 
 from .helpers import GRAD_REL_TOL, REL_TOL, Case, make_inputs, max_err
 
@@ -148,7 +148,9 @@ def test_far_field_clamp_keeps_rows_finite():
     inp = prepare_inputs(q, k, v)
     gq, gk, gv, _ = inp.grouped()
     w = projection_matrix(F_TEST, 16)
-    far, _ = hyb._far_bidirectional(gq, gk, gv, w, inp.scale, None, LocalPattern(128, 128, 127), m.block_size())
+    keys, phi_k, v1 = hyb._key_features(gk, gv, w, inp.scale, None)
+    phi_q, _ = positive_features(gq, w, inp.scale, is_query=True)
+    far = keys.read(phi_q) - hyb._band_share(phi_q, phi_k, v1, LocalPattern(128, 128, 127), m.block_size())
     assert (far[..., -1] < 0).any()  # the case the guard is for
     out = attnkit.attention(q, k, v, method=m)
     assert torch.isfinite(out).all()

@@ -45,6 +45,7 @@ from .local import BandStats, Local, LocalPattern, choose_block, local_band_stat
 from .performer import (
     KeyState,
     Performer,
+    block_rows,
     PerformerState,
     feature_logits,
     positive_features,
@@ -136,8 +137,9 @@ def _relative_band(block: int, window: int, device: torch.device) -> Tensor:
     return (d >= 0) & (d < window)
 
 
-def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block: int) -> Tensor:
-    """The band's own random-feature share Σ_{j∈band(i)} φ(q_i)·φ(k_j) [v_j, 1]: (…, N, Dv+1).
+def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block: int, r0: int = 0) -> Tensor:
+    """The band's own random-feature share Σ_{j∈band(i)} φ(q_i)·φ(k_j) [v_j, 1] of the
+    query rows [r0, r0 + L) that ``phi_q`` (…, L, F) holds (r0 a multiple of ``block``): (…, L, Dv+1).
 
     Bidirectional pattern.  A block of C query rows is multiplied against the keys its
     windows span (the ranges of :func:`plan_blocks`: at most W + C − 1 keys), masked to
@@ -147,14 +149,14 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
     """
     n, s, w = p.n, p.s, p.window
     width, off = w + block - 1, w // 2
+    r1 = r0 + phi_q.shape[-2]
+    b0, b1 = r0 // block, -(-r1 // block)
     # Interior blocks b: whole (b·C + C <= N), window unclamped (b·C − W//2 >= 0 and the
     # last row's window ends at most at S).
-    first = -(-off // block)
-    stop = min(n // block, (s - width + off) // block + 1)
-    first = min(first, max(stop, 0))
-    stop = max(stop, first)
+    first = min(max(-(-off // block), b0), b1)
+    stop = min(max(min(n // block, (s - width + off) // block + 1), first), b1)
     u0, u1 = first * block, stop * block
-    head, mid, tail = phi_q.split([u0, u1 - u0, n - u1], dim=-2)  # split, not slices: see Local
+    head, mid, tail = phi_q.split([u0 - r0, u1 - u0, r1 - u1], dim=-2)  # split, not slices: see Local
     lead = math.prod(phi_q.shape[:-2])
     outs = []
 
@@ -165,7 +167,7 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
         a = torch.matmul(qb, phi_k[..., lo:hi, :].transpose(-1, -2)).masked_fill_(~keep, 0.0)  # (…, C, L)
         return torch.matmul(a, v1[..., lo:hi, :])  # (…, C, Dv+1)
 
-    outs.extend(one(qb, i0) for qb, i0 in zip(head.split(block, dim=-2), range(0, u0, block)))
+    outs.extend(one(qb, i0) for qb, i0 in zip(head.split(block, dim=-2), range(r0, u0, block)))
     if u1 > u0:
         band = _relative_band(block, w, phi_q.device)
         nb = stop - first
@@ -182,31 +184,69 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
             vw = v1[..., lo : lo + span, :].unfold(-2, width, block).transpose(-1, -2)  # (…, c, L, Dv+1)
             a = torch.matmul(qc, kw).masked_fill_(~band, 0.0)  # (…, c, C, L)
             outs.append(torch.matmul(a, vw).flatten(-3, -2))  # (…, c·C, Dv+1)
-    outs.extend(one(qb, i0) for qb, i0 in zip(tail.split(block, dim=-2), range(u1, n, block)))
-    return torch.cat(outs, dim=-2)
+    outs.extend(one(qb, i0) for qb, i0 in zip(tail.split(block, dim=-2), range(u1, r1, block)))
+    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
-def _far_bidirectional(
-    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, p: LocalPattern, block: int
-) -> tuple[Tensor, Tensor]:
-    """Far field of every query, bidirectional: (all keys' state) − (the band's share).
+def _key_features(k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None) -> tuple[KeyState, Tensor, Tensor]:
+    """All keys absorbed into one :class:`KeyState`, and φ(K) (…, S, F), [V, 1] (…, S, Dv+1).
 
-    Args as :meth:`Hybrid.forward` prepares them: q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D),
+    Computed a cache-sized block of keys at a time (as Performer's bidirectional path).
+    The running shift grows from block to block; the stored features of earlier blocks
+    are then brought to the final shift (× exp(m_block − m_final) <= 1), so that the band
+    share uses exactly the features the state summed.
+    """
+    f, dv = w.shape[0], v.shape[-1]
+    lead = _keys_lead(k, keep)
+    keys = KeyState(k, lead, f, dv + 1)
+    step = block_rows(math.prod(lead), f)
+    k_blocks = k.split(step, dim=-2)
+    keep_blocks = keep.split(step, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(k_blocks)
+    phis, shifts, v1s = [], [], []
+    for kb, vb, keepb in zip(k_blocks, v.split(step, dim=-2), keep_blocks):
+        phi = keys.features(feature_logits(kb, w, scale, keepb), inplace=True)  # (…, Bk, F)
+        v1 = _with_ones(vb)  # (…, Bk, Dv+1)
+        keys.absorb(phi, v1)
+        phis.append(phi)
+        shifts.append(keys.m)
+        v1s.append(v1)
+    m_safe = torch.where(keys.m == NEG_INF, 0.0, keys.m)
+    for i, m in enumerate(shifts[:-1]):
+        factor = torch.exp(torch.where(m == NEG_INF, 0.0, m) - m_safe)  # (…, 1, 1)
+        phis[i] = phis[i].mul_(factor) if not phis[i].requires_grad else phis[i] * factor
+    if len(phis) == 1:
+        return keys, phis[0], v1s[0]
+    return keys, torch.cat(phis, dim=-2), torch.cat(v1s, dim=-2)
+
+
+def _bidirectional(
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, p: LocalPattern, block: int,
+    band: BandStats,
+) -> Tensor:
+    """Bidirectional Hybrid output from the band's statistics: far field = (all keys'
+    state) − (the band's share), combined with the band a cache-sized chunk of query rows
+    at a time (features, readout, share and normalisation stay in cache).
+
+    Args as :func:`hybrid_attention` prepares them: q (*b, Hkv, G, N, D), k (*b, Hkv, 1, S, D),
     v (*b, Hkv, 1, S, Dv), keep None or (*b', Hkv|1, G|1, S|1, 1), in the compute dtype.
 
     Returns:
-        far: (*b, Hkv, G, N, Dv+1), ≈ Σ_{j∉band(i)} exp(s_ij − log_scale_i) [v_j, 1].
-        log_scale: (*b, Hkv, G, N, 1) detached, shift_q + shift_k.
+        (*b, Hkv, G, N, Dv).
     """
-    v1 = _with_ones(v)  # (*b, Hkv, 1, S, Dv+1)
-    keys = KeyState(q, _keys_lead(k, keep), w.shape[0], v.shape[-1] + 1)
-    # One block of keys: one shift for all of them, so the band share below uses the
-    # very features the state summed.
-    phi_k = keys.features(feature_logits(k, w, scale, keep), inplace=True)  # (*b, Hkv, G|1, S, F)
-    keys.absorb(phi_k, v1)
-    phi_q, shift_q = positive_features(q, w, scale, is_query=True)  # (*b, Hkv, G, N, F), (…, N, 1)
-    far = keys.read(phi_q) - _band_share(phi_q, phi_k, v1, p, block)
-    return far, shift_q + torch.where(keys.m == NEG_INF, 0.0, keys.m)
+    keys, phi_k, v1 = _key_features(k, v, w, scale, keep)
+    shift_k = torch.where(keys.m == NEG_INF, 0.0, keys.m)  # (…, 1, 1)
+    n = q.shape[-2]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # Under autograd one chunk: each chunk slices φ(K), and a slice costs a φ(K)-sized zero tensor in the backward.
+    rows = n if grad else max(block, block_rows(math.prod(q.shape[:-2]), w.shape[0], multiple=block))
+    sizes = [min(rows, n - r) for r in range(0, n, rows)]
+    chunks = zip(q.split(sizes, dim=-2), band.m.split(sizes, dim=-1), band.l.split(sizes, dim=-1), band.acc.split(sizes, dim=-2))
+    outs = []
+    for r0, (qc, m, l, acc) in zip(range(0, n, rows), chunks):
+        phi_q, shift_q = positive_features(qc, w, scale, is_query=True)  # (…, R, F), (…, R, 1)
+        far = keys.read(phi_q) - _band_share(phi_q, phi_k, v1, p, block, r0)  # (…, R, Dv+1)
+        outs.append(_combine(BandStats(m, l, acc), far, shift_q + shift_k))
+    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
 def causal_key_bounds(n: int, s: int, window: int, block: int) -> list[int]:
@@ -225,7 +265,11 @@ def _far_causal(
     then absorbs: keys enter the state as they leave every later row's band.  Those keys
     are all <= b·C when C <= W, so the running key shift never looks past a block's
     first row and outputs up to i do not depend on later keys, not even by rounding.
-    Arguments and result as :func:`_far_bidirectional`.
+    Arguments as :func:`_bidirectional`.
+
+    Returns:
+        far: (*b, Hkv, G, N, Dv+1), ≈ Σ_{j <= i−W} exp(s_ij − log_scale_i) [v_j, 1].
+        log_scale: (*b, Hkv, G, N, 1) detached, shift_q + the running key shift.
     """
     n, s, f, dv = q.shape[-2], k.shape[-2], w.shape[0], v.shape[-1]
     keys = KeyState(q, _keys_lead(k, keep), f, dv + 1)
@@ -312,9 +356,8 @@ def hybrid_attention(
     keep_t = None if keep is None else keep.transpose(-1, -2)  # (*b', Hkv|1, G|1, S|1, 1)
     if is_causal:
         far, log_scale = _far_causal(q, k, v, w, scale, keep_t, window, block)
-    else:
-        far, log_scale = _far_bidirectional(q, k, v, w, scale, keep_t, pattern, block)
-    return _combine(band, far, log_scale)
+        return _combine(band, far, log_scale)
+    return _bidirectional(q, k, v, w, scale, keep_t, pattern, block, band)
 
 
 # -- the method ----------------------------------------------------------------------
