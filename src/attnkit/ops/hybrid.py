@@ -45,8 +45,8 @@ from .local import BandStats, Local, LocalPattern, choose_block, local_band_stat
 from .performer import (
     KeyState,
     Performer,
-    block_rows,
     PerformerState,
+    block_rows,
     feature_logits,
     positive_features,
     projection_matrix,
@@ -54,7 +54,7 @@ from .performer import (
 )
 from .tiled import compute_dtype
 
-__all__ = ["Hybrid", "naive_hybrid", "hybrid_attention", "causal_key_bounds"]
+__all__ = ["Hybrid", "naive_hybrid", "hybrid_attention"]
 
 NEG_INF = float("-inf")
 SHARE_SCORES = 1 << 18  # band-share scores per batched chunk without autograd (cache-sized, as Local's)
@@ -169,7 +169,7 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
 
     outs.extend(one(qb, i0) for qb, i0 in zip(head.split(block, dim=-2), range(r0, u0, block)))
     if u1 > u0:
-        band = _relative_band(block, w, phi_q.device)
+        off_band = ~_relative_band(block, w, phi_q.device)
         nb = stop - first
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v1))
         # Under autograd one batched run: every slice of φ(K) costs a φ(K)-sized zero
@@ -182,7 +182,7 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
             qc = mid[..., c0 * block : (c0 + c) * block, :].unflatten(-2, (c, block))  # (…, c, C, F)
             kw = phi_k[..., lo : lo + span, :].unfold(-2, width, block)  # (…, c, F, L): a view
             vw = v1[..., lo : lo + span, :].unfold(-2, width, block).transpose(-1, -2)  # (…, c, L, Dv+1)
-            a = torch.matmul(qc, kw).masked_fill_(~band, 0.0)  # (…, c, C, L)
+            a = torch.matmul(qc, kw).masked_fill_(off_band, 0.0)  # (…, c, C, L)
             outs.append(torch.matmul(a, vw).flatten(-3, -2))  # (…, c·C, Dv+1)
     outs.extend(one(qb, i0) for qb, i0 in zip(tail.split(block, dim=-2), range(u1, r1, block)))
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
@@ -249,51 +249,76 @@ def _bidirectional(
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
-def causal_key_bounds(n: int, s: int, window: int, block: int) -> list[int]:
-    """Causal far field: query block b (rows [b·C, b·C + C)) adds keys [bounds[b],
-    bounds[b+1]) -- the keys leaving its rows' bands -- to the state after reading it."""
-    return [min(max(b * block - window + 1, 0), s) for b in range(-(-n // block) + 1)]
+def causal_rows(window: int, block: int, lead: int, features: int) -> int:
+    """Causal: query rows per step, a whole number of blocks, at most W (so that a step's
+    keys all precede its first row, see :func:`_causal`) and cache-sized."""
+    return block * max(1, min(window, block_rows(lead, features)) // block)
 
 
-def _far_causal(
-    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, window: int, block: int
-) -> tuple[Tensor, Tensor]:
-    """Far field of every query, causal: keys j <= i − W, by a running state.
+def _causal(
+    q: Tensor, k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None, window: int, block: int,
+    band: BandStats,
+) -> Tensor:
+    """Causal Hybrid output from the band's statistics; the far field of query i is the
+    keys j <= i − W, summed by a running state.
 
-    Query block b (rows [b·C, b·C + C)) reads the state of keys < b·C − W + 1, plus the
-    C×C triangle ``j <= i − W`` over the keys [b·C − W + 1, b·C + C − W + 1), which it
-    then absorbs: keys enter the state as they leave every later row's band.  Those keys
-    are all <= b·C when C <= W, so the running key shift never looks past a block's
-    first row and outputs up to i do not depend on later keys, not even by rounding.
-    Arguments as :func:`_bidirectional`.
+    Block b (rows [b·C, b·C + C)) reads the state of keys < b·C − W + 1, plus the strictly
+    lower C×C triangle (j <= i − W) over the next C keys [b·C − W + 1, b·C + C − W + 1),
+    which then join the state: keys enter it as they leave every later row's band.
+    A step of R = a few blocks (R <= W) runs batched: its keys' features at one running
+    shift (:class:`KeyState`), their per-block sums G_b, the state before each block as
+    the state so far plus an exclusive prefix sum of the G_b, then one batched readout
+    and one batched triangle.  The step's keys are all <= its first row when R <= W, so
+    the running shift never looks ahead: outputs up to i do not depend on later keys,
+    not even by rounding (with C > W, a block's first rows share the shift with up to
+    C − W later keys, which cancels up to rounding).  Keys before 0 or past S are zeros.
 
-    Returns:
-        far: (*b, Hkv, G, N, Dv+1), ≈ Σ_{j <= i−W} exp(s_ij − log_scale_i) [v_j, 1].
-        log_scale: (*b, Hkv, G, N, 1) detached, shift_q + the running key shift.
+    Args as :func:`_bidirectional`.  Memory under autograd: one (Dv+1, F) state per block,
+    N·F·(Dv+1)/C per head, as Performer's causal chunks; never N×F×D.
     """
     n, s, f, dv = q.shape[-2], k.shape[-2], w.shape[0], v.shape[-1]
-    keys = KeyState(q, _keys_lead(k, keep), f, dv + 1)
-    q_blocks = q.split(block, dim=-2)
-    bounds = causal_key_bounds(n, s, window, block)
-    sizes = [j1 - j0 for j0, j1 in zip(bounds, bounds[1:])] + [s - bounds[-1]]
-    k_pieces, v_pieces = k.split(sizes, dim=-2), v.split(sizes, dim=-2)
-    keep_pieces = keep.split(sizes, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(sizes)
-    fars, scales = [], []
-    for b, qb in enumerate(q_blocks):
-        phi_q, shift_q = positive_features(qb, w, scale, is_query=True)  # (*b, Hkv, G, C, F), (…, C, 1)
-        j0, j1 = bounds[b], bounds[b + 1]
-        if j1 > j0:
-            i0 = b * block
-            kf = keys.features(feature_logits(k_pieces[b], w, scale, keep_pieces[b]), inplace=True)  # (…, Ck, F)
-            v1 = _with_ones(v_pieces[b])  # (*b, Hkv, 1, Ck, Dv+1)
-            a = torch.matmul(phi_q, kf.transpose(-1, -2))  # (*b, Hkv, G, C, Ck)
-            a = a.masked_fill_(~causal_keep(i0 - window, i0 + qb.shape[-2] - window, j0, j1, a.device), 0.0)
-            fars.append(keys.read(phi_q) + torch.matmul(a, v1))
-            keys.absorb(kf, v1)
+    lead_k = _keys_lead(k, keep)
+    keys = KeyState(q, lead_k, f, dv + 1)
+    step = causal_rows(window, block, math.prod(q.shape[:-2]), f)
+    rows = [min(step, n - i0) for i0 in range(0, n, step)]
+    # Step t covers the (virtual) keys [i0 − W + 1, i0 + C·nb − W + 1); the real ones tile [0, S).
+    spans = []
+    for i0, r in zip(range(0, n, step), rows):
+        a = i0 - window + 1
+        spans.append((a, a + block * -(-r // block)))
+    real = [(min(max(a, 0), s), min(max(b, 0), s)) for a, b in spans]
+    sizes = [hi - lo for lo, hi in real] + [s - real[-1][1]]
+    k_steps, v_steps = k.split(sizes, dim=-2), v.split(sizes, dim=-2)
+    keep_steps = keep.split(sizes, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(sizes)
+    strict_upper = torch.ones(block, block, dtype=torch.bool, device=q.device).triu()  # c >= r: not far
+    chunks = zip(q.split(rows, dim=-2), band.m.split(rows, dim=-1), band.l.split(rows, dim=-1), band.acc.split(rows, dim=-2))
+    outs = []
+    for t, (qc, m, l, acc) in enumerate(chunks):
+        (a, b), (lo, hi), r = spans[t], real[t], rows[t]
+        nb = (b - a) // block
+        if hi > lo:
+            kf = keys.features(feature_logits(k_steps[t], w, scale, keep_steps[t]), inplace=True)  # (…, L, F)
+            v1 = _with_ones(v_steps[t])  # (…, L, Dv+1)
+            pad = (0, 0, lo - a, b - hi)
         else:
-            fars.append(keys.read(phi_q))
-        scales.append(shift_q + torch.where(keys.m == NEG_INF, 0.0, keys.m))
-    return torch.cat(fars, dim=-2), torch.cat(scales, dim=-2)
+            kf, v1 = q.new_zeros((*lead_k, 0, f)), v.new_zeros((*v.shape[:-2], 0, dv + 1))
+            pad = (0, 0, b - a, 0)
+        if pad[2] or pad[3]:  # virtual keys before 0 or past S: zero features
+            kf, v1 = torch.nn.functional.pad(kf, pad), torch.nn.functional.pad(v1, pad)
+        kb, vb = kf.unflatten(-2, (nb, block)), v1.unflatten(-2, (nb, block))  # (…, nb, C, F), (…, nb, C, Dv+1)
+        g_t = torch.matmul(vb.transpose(-1, -2), kb)  # (…, nb, Dv+1, F): each block's key sums
+        before = torch.cat([torch.zeros_like(g_t[..., :1, :, :]), g_t[..., :-1, :, :].cumsum(dim=-3)], dim=-3)
+        states_t = keys.state_t.unsqueeze(-3) + before  # (…, nb, Dv+1, F): the state each block reads
+        keys.state_t = keys.state_t + g_t.sum(dim=-3)
+        phi_q, shift_q = positive_features(qc, w, scale, is_query=True)  # (…, G, R, F), (…, G, R, 1)
+        if nb * block != r:  # the last step's partial block: zero query rows
+            phi_q = torch.nn.functional.pad(phi_q, (0, 0, 0, nb * block - r))
+        qb = phi_q.unflatten(-2, (nb, block))  # (…, G, nb, C, F)
+        tri = torch.matmul(qb, kb.transpose(-1, -2)).masked_fill_(strict_upper, 0.0)  # (…, nb, C, C)
+        far = torch.matmul(qb, states_t.transpose(-1, -2)) + torch.matmul(tri, vb)  # (…, nb, C, Dv+1)
+        far = far.flatten(-3, -2)[..., :r, :] if nb * block != r else far.flatten(-3, -2)
+        outs.append(_combine(BandStats(m, l, acc), far, shift_q + torch.where(keys.m == NEG_INF, 0.0, keys.m)))
+    return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
 def _combine(band: BandStats, far: Tensor, log_scale: Tensor) -> Tensor:
@@ -355,8 +380,7 @@ def hybrid_attention(
     q, k, v, w = q.to(acc), k.to(acc), v.to(acc), projection.to(device=q.device, dtype=acc)
     keep_t = None if keep is None else keep.transpose(-1, -2)  # (*b', Hkv|1, G|1, S|1, 1)
     if is_causal:
-        far, log_scale = _far_causal(q, k, v, w, scale, keep_t, window, block)
-        return _combine(band, far, log_scale)
+        return _causal(q, k, v, w, scale, keep_t, window, block, band)
     return _bidirectional(q, k, v, w, scale, keep_t, pattern, block, band)
 
 
@@ -457,23 +481,23 @@ class Hybrid(Method):
         * features and the (F, Dv+1) key state and its readout: :meth:`Performer.flops`
           over the far keys, 2·(N + S)·F·D + 2·(N + S)·F·(Dv+1) (~4·N·F·D + 4·N·F·D);
         * bidirectional band share: 2·(F + Dv + 1) per band-tile pair (~2·N·W·F);
-          causal: the C×C triangles instead, 2·C·C·(F + Dv + 1) per query block.
+          causal: the C×C triangles instead, 2·C·C·(F + Dv + 1) per query block, and
+          the state and readout per block of C rows (the last block zero-padded).
 
         With W >= S (causal: >= N) only the band runs.
         """
         band = Local(window=self.window, block=self.block_size()).flops(shape)
-        c, per_pair = self.block_size(), 2.0 * shape.batch * shape.hq * (self.features + shape.dv + 1)
         if self.window >= (shape.n if shape.is_causal else shape.s):
             return band
-        if shape.is_causal:
-            bounds = causal_key_bounds(shape.n, shape.s, self.window, c)
-            far_keys = bounds[-1]
-            pairs = sum(min(c, shape.n - b * c) * (j1 - j0) for b, (j0, j1) in enumerate(zip(bounds, bounds[1:])))
-        else:
-            far_keys = shape.s
-            pairs = band / (2.0 * shape.batch * shape.hq * (shape.d + shape.dv))  # the band's own tiles
-        feats = Performer(self.features).flops(Shape(shape.batch, shape.hq, shape.hkv, shape.n, far_keys, shape.d, shape.dv))
-        return band + feats + per_pair * pairs
+        c, f, d, dv1 = self.block_size(), self.features, shape.d, shape.dv + 1
+        if not shape.is_causal:
+            pairs = band / (2.0 * shape.batch * shape.hq * (d + shape.dv))  # the band's own tiles
+            return band + Performer(f).flops(shape) + 2.0 * shape.batch * shape.hq * pairs * (f + dv1)
+        rows = -(-shape.n // c) * c  # whole blocks (the last one zero-padded)
+        far_keys = min(shape.s, max(0, rows - self.window + 1))
+        per_q_head = 2.0 * shape.n * f * d + 2.0 * rows * f * dv1 + 2.0 * rows * c * (f + dv1)
+        per_kv_head = 2.0 * far_keys * f * d + 2.0 * rows * f * dv1
+        return band + shape.batch * (shape.hq * per_q_head + shape.hkv * per_kv_head)
 
     def implied_weights(self, inp, state=None):
         """The normalised matrix of :func:`naive_hybrid` in float64: (*b, Hq, N, S)."""
