@@ -200,23 +200,20 @@ def _key_features(k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | 
     lead = _keys_lead(k, keep)
     keys = KeyState(k, lead, f, dv + 1)
     step = block_rows(math.prod(lead), f)
+    v1 = _with_ones(v)  # (…, S, Dv+1)
     k_blocks = k.split(step, dim=-2)
     keep_blocks = keep.split(step, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(k_blocks)
-    phis, shifts, v1s = [], [], []
-    for kb, vb, keepb in zip(k_blocks, v.split(step, dim=-2), keep_blocks):
+    phis, shifts = [], []
+    for kb, v1b, keepb in zip(k_blocks, v1.split(step, dim=-2), keep_blocks):
         phi = keys.features(feature_logits(kb, w, scale, keepb), inplace=True)  # (…, Bk, F)
-        v1 = _with_ones(vb)  # (…, Bk, Dv+1)
-        keys.absorb(phi, v1)
+        keys.absorb(phi, v1b)
         phis.append(phi)
         shifts.append(keys.m)
-        v1s.append(v1)
     m_safe = torch.where(keys.m == NEG_INF, 0.0, keys.m)
     for i, m in enumerate(shifts[:-1]):
         factor = torch.exp(torch.where(m == NEG_INF, 0.0, m) - m_safe)  # (…, 1, 1)
         phis[i] = phis[i].mul_(factor) if not phis[i].requires_grad else phis[i] * factor
-    if len(phis) == 1:
-        return keys, phis[0], v1s[0]
-    return keys, torch.cat(phis, dim=-2), torch.cat(v1s, dim=-2)
+    return keys, torch.cat(phis, dim=-2) if len(phis) > 1 else phis[0], v1
 
 
 def _bidirectional(
