@@ -8,12 +8,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
 from attnkit.core.inputs import Shape, prepare_inputs
 from attnkit.core.registry import resolve, run
 from attnkit.ops import hybrid as hyb
+from attnkit.ops import performer as perf
 from attnkit.ops.hybrid import Hybrid, naive_hybrid
 from attnkit.ops.local import Local, LocalPattern, local_mask
 from attnkit.ops.performer import Performer, positive_features, projection_matrix
@@ -109,16 +112,25 @@ def test_fast_path_matches_naive_formula(case, window, block):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_chunked_band_share_without_autograd(causal, monkeypatch):
-    # Without autograd the interior blocks of the band share run a few at a time.
+def test_small_chunks_and_key_blocks(causal, monkeypatch):
+    # Tiny cache budgets: several key blocks (running shift, stored features brought to
+    # the final one), several query chunks / causal steps, band-share runs of few blocks.
     monkeypatch.setattr(hyb, "SHARE_SCORES", 4096)
-    case = Case(batch=(2,), hq=4, hkv=2, n=300, s=280, d=16, mask="keypad", causal=causal)
-    q, k, v, mask = make_inputs(case)
-    m = Hybrid(window=24, features=F_TEST, block=8)
+    monkeypatch.setattr(perf, "BLOCK_ELEMENTS", 4096)
+    case = Case(batch=(2,), hq=4, hkv=2, n=150, s=140, d=16, mask="keypad", causal=causal)
+    q, k, v, mask = make_inputs(case, requires_grad=True)
+    k = (k.detach() * torch.linspace(0.5, 2.0, 140)[:, None]).requires_grad_()  # later key blocks raise the shift
+    m = Hybrid(window=40, features=F_TEST, block=8)
+    ref = _naive(m, q, k, v, mask, causal)
     with torch.no_grad():
         out = attnkit.attention(q, k, v, mask, is_causal=causal, method=m)
-    ref = _naive(m, q, k, v, mask, causal)
     assert max_err(out, ref) <= REL_TOL[torch.float32] * ref.abs().max().item()
+    out = attnkit.attention(q, k, v, mask, is_causal=causal, method=m)
+    assert max_err(out, ref) <= REL_TOL[torch.float32] * ref.abs().max().item()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert max_err(g, rg) <= GRAD_REL_TOL[torch.float32] * rg.abs().max().item(), name
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
@@ -437,3 +449,21 @@ def test_torch_compile_matches_eager(causal):
     state = m.make_state(4, 16).eval()
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     assert max_err(compiled(q, k, v, state), fn(q, k, v)) <= 1e-6
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 40), s=st.integers(1, 40), window=st.integers(1, 45), block=st.integers(1, 9),
+    causal=st.booleans(), padded=st.booleans(), groups=st.sampled_from([1, 2]),
+)
+def test_random_sizes_match_naive_float64(n, s, window, block, causal, padded, groups):
+    # Every path: end blocks, interior runs, causal steps with virtual keys before 0 and past S.
+    q, k, v, _ = make_inputs(Case(batch=(2,), hq=2 * groups, hkv=2, n=n, s=s, d=6), torch.float64)
+    mask = None
+    if padded:
+        gen = torch.Generator().manual_seed(n * 1000 + s)
+        mask = torch.arange(s) < torch.randint(0, s + 1, (2, 1, 1, 1), generator=gen)  # (2, 1, 1, S)
+    m = Hybrid(window=window, features=7, block=block)
+    out = attnkit.attention(q, k, v, mask, is_causal=causal, method=m)
+    ref = _naive(m, q, k, v, mask, causal)
+    assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())

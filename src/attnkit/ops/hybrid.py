@@ -155,7 +155,7 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
     # last row's window ends at most at S).
     first = min(max(-(-off // block), b0), b1)
     stop = min(max(min(n // block, (s - width + off) // block + 1), first), b1)
-    u0, u1 = first * block, stop * block
+    u0, u1 = min(first * block, r1), min(stop * block, r1)  # no interior block: u0 = u1
     head, mid, tail = phi_q.split([u0 - r0, u1 - u0, r1 - u1], dim=-2)  # split, not slices: see Local
     lead = math.prod(phi_q.shape[:-2])
     outs = []
