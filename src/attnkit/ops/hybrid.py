@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from ..core.capabilities import Capabilities, Method
-from ..core.inputs import AttentionInputs, Shape
+from ..core.inputs import Shape
 from ..core.reference import causal_keep
 from ..core.registry import register
-from .local import BandStats, Local, LocalPattern, choose_block, local_band_stats, local_mask, plan_blocks
+from .local import BandStats, Local, LocalPattern, choose_block, local_band_stats, local_mask
 from .performer import (
     KeyState,
     Performer,
@@ -142,7 +142,7 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
     query rows [r0, r0 + L) that ``phi_q`` (…, L, F) holds (r0 a multiple of ``block``): (…, L, Dv+1).
 
     Bidirectional pattern.  A block of C query rows is multiplied against the keys its
-    windows span (the ranges of :func:`plan_blocks`: at most W + C − 1 keys), masked to
+    windows span (the ranges of Local's block plan: at most W + C − 1 keys), masked to
     each row's window -- the same C×L tiles as the exact band.  Interior blocks, whose
     windows are not clamped at the sequence ends, share one relative band: they run
     batched over strided (unfold) views of φ(K) and [V, 1]; the few end blocks run one by one.
@@ -188,7 +188,9 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
 
-def _key_features(k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None) -> tuple[KeyState, Tensor, Tensor]:
+def _key_features(
+    k: Tensor, v: Tensor, w: Tensor, scale: float, keep: Tensor | None
+) -> tuple[KeyState, Tensor, Tensor]:
     """All keys absorbed into one :class:`KeyState`, and φ(K) (…, S, F), [V, 1] (…, S, Dv+1).
 
     Computed a cache-sized block of keys at a time (as Performer's bidirectional path).
@@ -237,7 +239,9 @@ def _bidirectional(
     # Under autograd one chunk: each chunk slices φ(K), and a slice costs a φ(K)-sized zero tensor in the backward.
     rows = n if grad else max(block, block_rows(math.prod(q.shape[:-2]), w.shape[0], multiple=block))
     sizes = [min(rows, n - r) for r in range(0, n, rows)]
-    chunks = zip(q.split(sizes, dim=-2), band.m.split(sizes, dim=-1), band.l.split(sizes, dim=-1), band.acc.split(sizes, dim=-2))
+    chunks = zip(
+        q.split(sizes, dim=-2), band.m.split(sizes, dim=-1), band.l.split(sizes, dim=-1), band.acc.split(sizes, dim=-2)
+    )
     outs = []
     for r0, (qc, m, l, acc) in zip(range(0, n, rows), chunks):
         phi_q, shift_q = positive_features(qc, w, scale, is_query=True)  # (…, R, F), (…, R, 1)
@@ -288,7 +292,9 @@ def _causal(
     k_steps, v_steps = k.split(sizes, dim=-2), v.split(sizes, dim=-2)
     keep_steps = keep.split(sizes, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(sizes)
     strict_upper = torch.ones(block, block, dtype=torch.bool, device=q.device).triu()  # c >= r: not far
-    chunks = zip(q.split(rows, dim=-2), band.m.split(rows, dim=-1), band.l.split(rows, dim=-1), band.acc.split(rows, dim=-2))
+    chunks = zip(
+        q.split(rows, dim=-2), band.m.split(rows, dim=-1), band.l.split(rows, dim=-1), band.acc.split(rows, dim=-2)
+    )
     outs = []
     for t, (qc, m, l, acc) in enumerate(chunks):
         (a, b), (lo, hi), r = spans[t], real[t], rows[t]
@@ -439,7 +445,8 @@ class Hybrid(Method):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Hybrid({field}={value!r}): {field} must be an int >= {low}")
-        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
+        block = self.block
+        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
             raise ValueError(f"Hybrid(block={self.block!r}): block must be a positive int or None (automatic)")
         if not isinstance(self.orthogonal, bool):
             raise ValueError(f"Hybrid(orthogonal={self.orthogonal!r}): orthogonal must be True or False")
@@ -498,7 +505,7 @@ class Hybrid(Method):
 
     def implied_weights(self, inp, state=None):
         """The normalised matrix of :func:`naive_hybrid` in float64: (*b, Hq, N, S)."""
-        w = state.projection if state is not None else projection_matrix(self.features, inp.d, self.orthogonal, self.seed, 0)
+        w = state.projection if state is not None else projection_matrix(self.features, inp.d, self.orthogonal, self.seed)
         keep = inp.key_keep()
         keep = None if keep is None else keep.flatten(-4, -3)  # (*b', Hq|1, 1, S)
         _, p = naive_hybrid(
