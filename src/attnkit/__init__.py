@@ -20,6 +20,7 @@ from .core import (
 from .core.registry import MethodSpec, run
 from .ops import SDPA, Exact, Math, Tiled
 from .ops.blocktopk import BlockTopK
+from .ops.hybrid import Hybrid
 from .ops.local import Local
 from .ops.lowrank import LowRank
 from .ops.nystrom import Nystrom
@@ -33,6 +34,7 @@ __all__ = [
     "BlockTopK",
     "Capabilities",
     "Exact",
+    "Hybrid",
     "Local",
     "LowRank",
     "Math",
