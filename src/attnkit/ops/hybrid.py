@@ -346,16 +346,15 @@ def _combine(band: BandStats, far: Tensor, log_scale: Tensor) -> Tensor:
     dv = far.shape[-1] - 1
     far_den = far[..., dv:]  # (…, N, 1)
     ok = far_den.detach() > 0
-    far = torch.where(ok, far, 0.0)
     l = band.l[..., None]  # (…, N, 1)
     log_band = torch.where(l.detach() > 0, band.m[..., None], NEG_INF)
     log_far = torch.where(ok, log_scale + torch.log(torch.where(ok, far_den.detach(), 1.0)), NEG_INF)
     ref = torch.maximum(log_band, log_far)
     ref = torch.where(ref == NEG_INF, 0.0, ref)  # a row without keys: any finite reference
     w_band = torch.exp(log_band - ref)  # 0 where the band is empty (never inf·0)
-    w_far = torch.exp(torch.where(ok, log_scale, NEG_INF) - ref)
-    num = w_band * band.acc + w_far * far[..., :dv]
-    den = w_band * l + w_far * far[..., dv:]
+    w_far = torch.exp(torch.where(ok, log_scale, NEG_INF) - ref)  # 0 where the far field is dropped
+    num = torch.addcmul(w_band * band.acc, w_far, far[..., :dv])  # (…, N, Dv)
+    den = w_band * l + w_far * far_den
     return num / safe_denominator(den)
 
 
