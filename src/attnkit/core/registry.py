@@ -108,11 +108,11 @@ def _load_builtin_methods() -> None:
 
 
 def _refusal(method: Method, reasons: list[str], inp: AttentionInputs, need_weights: bool) -> str:
+    defaults = {name: _try_default(cls) for name, cls in _REGISTRY.items() if name != method.name}
     others = [
         name
-        for name, cls in _REGISTRY.items()
-        if name != method.name and _try_default(cls) is not None
-        and not _try_default(cls).not_supported_reasons(inp, need_weights=need_weights)
+        for name, m in defaults.items()
+        if m is not None and not m.not_supported_reasons(inp, need_weights=need_weights)
     ]
     hint = f" Methods that can serve these inputs: {others}." if others else ""
     return f"method {method.spec()!r} cannot serve these inputs: " + "; ".join(reasons) + "." + hint
