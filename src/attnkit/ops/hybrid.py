@@ -46,6 +46,7 @@ from .performer import (
     KeyState,
     Performer,
     PerformerState,
+    _with_ones,
     block_rows,
     feature_logits,
     positive_features,
@@ -57,7 +58,6 @@ from .tiled import compute_dtype
 __all__ = ["Hybrid", "naive_hybrid", "hybrid_attention"]
 
 NEG_INF = float("-inf")
-SHARE_SCORES = 1 << 18  # band-share scores per batched chunk without autograd (cache-sized, as Local's)
 
 
 # -- the naive formula (the oracle) --------------------------------------------------
@@ -122,42 +122,71 @@ def naive_hybrid(
 # -- the fast path -------------------------------------------------------------------
 
 
-def _with_ones(v: Tensor) -> Tensor:
-    """[v, 1] (..., L, Dv+1): one product then gives a numerator and its normaliser."""
-    return torch.cat([v, v.new_ones((*v.shape[:-1], 1))], dim=-1)
-
-
 def _keys_lead(k: Tensor, keep: Tensor | None) -> tuple[int, ...]:
     return tuple(torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2])
 
 
-def _relative_band(block: int, window: int, device: torch.device) -> Tensor:
-    """Bool (block, window + block - 1): row r of an interior block keeps columns r .. r + W - 1."""
-    d = torch.arange(window + block - 1, device=device)[None, :] - torch.arange(block, device=device)[:, None]
-    return (d >= 0) & (d < window)
+def _strict_lower(rows: int, cols: int, diag: int, device: torch.device) -> Tensor:
+    """Bool (rows, cols): True where column c < r + diag (c - r < diag)."""
+    return torch.arange(cols, device=device)[None, :] - torch.arange(rows, device=device)[:, None] < diag
 
 
-def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block: int, r0: int = 0) -> Tensor:
-    """The band's own random-feature share Σ_{j∈band(i)} φ(q_i)·φ(k_j) [v_j, 1] of the
-    query rows [r0, r0 + L) that ``phi_q`` (…, L, F) holds (r0 a multiple of ``block``): (…, L, Dv+1).
-
-    Bidirectional pattern.  A block of C query rows is multiplied against the keys its
-    windows span (the ranges of Local's block plan: at most W + C − 1 keys), masked to
-    each row's window -- the same C×L tiles as the exact band.  Interior blocks, whose
-    windows are not clamped at the sequence ends, share one relative band: they run
-    batched over strided (unfold) views of φ(K) and [V, 1]; the few end blocks run one by one.
-    """
-    n, s, w = p.n, p.s, p.window
-    width, off = w + block - 1, w // 2
-    r1 = r0 + phi_q.shape[-2]
+def _interior_blocks(p: LocalPattern, block: int, r0: int, r1: int) -> tuple[int, int]:
+    """The blocks [first, stop) of rows [r0, r1) (r0 a multiple of ``block``) that are
+    whole (b·C + C <= N) and whose windows are unclamped (b·C − W//2 >= 0, and the last
+    row's window ends at most at S: b·C − W//2 + C − 1 + W <= S).  Bidirectional."""
+    off = p.window // 2
     b0, b1 = r0 // block, -(-r1 // block)
-    # Interior blocks b: whole (b·C + C <= N), window unclamped (b·C − W//2 >= 0 and the
-    # last row's window ends at most at S).
     first = min(max(-(-off // block), b0), b1)
-    stop = min(max(min(n // block, (s - width + off) // block + 1), first), b1)
+    stop = min(max(min(p.n // block, (p.s - p.window - block + 1 + off) // block + 1), first), b1)
+    return first, stop
+
+
+def _far_flops(p: LocalPattern, block: int, rows: int, f: int, dv: int) -> tuple[float, float]:
+    """Product FLOPs of :func:`_far_field` over all N rows taken ``rows`` at a time (2 per
+    multiply-add), mirroring its plan block for block: (per query head, per kv head --
+    the key segments' states)."""
+    m, rem = divmod(p.window, block)
+    dv1, per_q, per_kv = dv + 1, 0.0, 0.0
+    for r0 in range(0, p.n, rows):
+        r1 = min(p.n, r0 + rows)
+        first, stop = _interior_blocks(p, block, r0, r1)
+        u0, u1 = min(first * block, r1), min(stop * block, r1)
+        for i0 in [*range(r0, u0, block), *range(u1, r1, block)]:  # end blocks: readout + band tile
+            i1 = min(i0 + block, r1)
+            per_q += 2.0 * (i1 - i0) * (f * dv1 + (p.end(i1 - 1) - p.start(i0)) * (f + dv1))
+        if u1 > u0:
+            nb = stop - first
+            per_q += 2.0 * nb * block * (f * dv1 + (2 * block + rem - 1) * (f + dv1))
+            per_kv += 2.0 * (nb + m - 1) * block * f * dv1 if m else 0.0
+    return per_q, per_kv
+
+
+def _far_field(
+    phi_q: Tensor, keys: KeyState, phi_k: Tensor, v1: Tensor, p: LocalPattern, block: int, r0: int = 0
+) -> Tensor:
+    """Σ_{j∉band(i)} φ(q_i)·φ(k_j) [v_j, 1] of the query rows [r0, r0 + L) that ``phi_q``
+    (…, L, F) holds (r0 a multiple of ``block``): the state of all keys minus the band's
+    own share, (…, L, Dv+1).  Bidirectional pattern.
+
+    Interior blocks (windows not clamped at the sequence ends) use the sliding structure:
+    row r of a block of C rows starting at key a = i0 − W//2 has the band [a + r, a + r + W)
+    = [a, a + mC) + [a + mC, a + r + W) − [a, a + r), W = mC + rem.  The first part is the
+    same for every row of the block, a sum of m key segments' states (F, Dv+1), so it is
+    taken out of the total state before one readout per row; the other two are a C×(C+rem−1)
+    and a C×C triangle of feature products.  Per row that is one F·(Dv+1) readout plus
+    ~2C·(F + Dv + 1) instead of (W + C)·(F + Dv + 1) for the whole band tile.  Memory: a
+    (Dv+1, F) state per block, N·F·(Dv+1)/C per head, as the causal path.
+
+    The few end blocks take the band tile directly (Local's block plan: at most W + C − 1
+    keys, masked to each row's window) and subtract it from the total.
+    """
+    w, off = p.window, p.window // 2
+    m, rem = divmod(w, block)
+    r1 = r0 + phi_q.shape[-2]
+    first, stop = _interior_blocks(p, block, r0, r1)
     u0, u1 = min(first * block, r1), min(stop * block, r1)  # no interior block: u0 = u1
     head, mid, tail = phi_q.split([u0 - r0, u1 - u0, r1 - u1], dim=-2)  # split, not slices: see Local
-    lead = math.prod(phi_q.shape[:-2])
     outs = []
 
     def one(qb: Tensor, i0: int) -> Tensor:
@@ -165,25 +194,37 @@ def _band_share(phi_q: Tensor, phi_k: Tensor, v1: Tensor, p: LocalPattern, block
         lo, hi = p.start(i0), p.end(i1 - 1)
         keep = p.keep(torch.arange(i0, i1, device=qb.device), torch.arange(lo, hi, device=qb.device))
         a = torch.matmul(qb, phi_k[..., lo:hi, :].transpose(-1, -2)).masked_fill_(~keep, 0.0)  # (…, C, L)
-        return torch.matmul(a, v1[..., lo:hi, :])  # (…, C, Dv+1)
+        return keys.read(qb) - torch.matmul(a, v1[..., lo:hi, :])  # (…, C, Dv+1)
 
     outs.extend(one(qb, i0) for qb, i0 in zip(head.split(block, dim=-2), range(r0, u0, block)))
     if u1 > u0:
-        off_band = ~_relative_band(block, w, phi_q.device)
-        nb = stop - first
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (phi_q, phi_k, v1))
-        # Under autograd one batched run: every slice of φ(K) costs a φ(K)-sized zero
-        # tensor in the backward, so per-chunk slices would make the backward quadratic.
-        chunk = nb if grad else max(1, SHARE_SCORES // max(1, lead * block * width))
-        for c0 in range(0, nb, chunk):
-            c = min(chunk, nb - c0)
-            lo = u0 + c0 * block - off
-            span = (c - 1) * block + width
-            qc = mid[..., c0 * block : (c0 + c) * block, :].unflatten(-2, (c, block))  # (…, c, C, F)
-            kw = phi_k[..., lo : lo + span, :].unfold(-2, width, block)  # (…, c, F, L): a view
-            vw = v1[..., lo : lo + span, :].unfold(-2, width, block).transpose(-1, -2)  # (…, c, L, Dv+1)
-            a = torch.matmul(qc, kw).masked_fill_(off_band, 0.0)  # (…, c, C, L)
-            outs.append(torch.matmul(a, vw).flatten(-3, -2))  # (…, c·C, Dv+1)
+        nb, a0 = stop - first, u0 - off  # blocks, and the first block's window start
+        qc = mid.unflatten(-2, (nb, block))  # (…, nb, C, F)
+        state_t = keys.state_t.unsqueeze(-3)  # (…, 1, Dv+1, F)
+        if m:
+            # Key segments [a0 + t·C, a0 + t·C + C), t < nb + m − 1; block b sums m of them.
+            seg = (nb + m - 1) * block
+            ks = phi_k[..., a0 : a0 + seg, :].unflatten(-2, (nb + m - 1, block))  # (…, nb+m−1, C, F)
+            vs = v1[..., a0 : a0 + seg, :].unflatten(-2, (nb + m - 1, block))  # (…, nb+m−1, C, Dv+1)
+            g_t = torch.matmul(vs.transpose(-1, -2), ks)  # (…, nb+m−1, Dv+1, F)
+            state_t = state_t - (g_t.unfold(-3, m, 1).sum(dim=-1) if m > 1 else g_t)  # (…, nb, Dv+1, F)
+            k_left, v_left = ks[..., :nb, :, :], vs[..., :nb, :, :]
+        else:
+            k_left = phi_k[..., a0 : a0 + nb * block, :].unflatten(-2, (nb, block))
+            v_left = v1[..., a0 : a0 + nb * block, :].unflatten(-2, (nb, block))
+        far = torch.matmul(qc, state_t.transpose(-1, -2))  # (…, nb, C, Dv+1)
+        # [a, a + r): the strictly lower triangle of the block's first C keys, added back.
+        left = torch.matmul(qc, k_left.transpose(-1, -2)).masked_fill_(~_strict_lower(block, block, 0, qc.device), 0.0)
+        far = far + torch.matmul(left, v_left)
+        width = block + rem - 1  # [a + mC, a + r + W): columns c < rem + r, removed
+        if width:
+            lo = a0 + m * block
+            span = (nb - 1) * block + width
+            kw = phi_k[..., lo : lo + span, :].unfold(-2, width, block)  # (…, nb, F, width): a view
+            vw = v1[..., lo : lo + span, :].unfold(-2, width, block).transpose(-1, -2)  # (…, nb, width, Dv+1)
+            right = torch.matmul(qc, kw).masked_fill_(~_strict_lower(block, width, rem, qc.device), 0.0)
+            far = far - torch.matmul(right, vw)
+        outs.append(far.flatten(-3, -2))  # (…, nb·C, Dv+1)
     outs.extend(one(qb, i0) for qb, i0 in zip(tail.split(block, dim=-2), range(u1, r1, block)))
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
@@ -245,7 +286,7 @@ def _bidirectional(
     outs = []
     for r0, (qc, m, l, acc) in zip(range(0, n, rows), chunks):
         phi_q, shift_q = positive_features(qc, w, scale, is_query=True)  # (…, R, F), (…, R, 1)
-        far = keys.read(phi_q) - _band_share(phi_q, phi_k, v1, p, block, r0)  # (…, R, Dv+1)
+        far = _far_field(phi_q, keys, phi_k, v1, p, block, r0)  # (…, R, Dv+1)
         outs.append(_combine(BandStats(m, l, acc), far, shift_q + shift_k))
     return torch.cat(outs, dim=-2) if len(outs) > 1 else outs[0]
 
@@ -481,11 +522,13 @@ class Hybrid(Method):
 
         * band (exact): :meth:`Local.flops`, 2·(D + Dv) per (query, key) pair of the
           block tiles, about 2·N·(W + C)·(D + Dv) per query head (~4·N·W·D);
-        * features and the (F, Dv+1) key state and its readout: :meth:`Performer.flops`
-          over the far keys, 2·(N + S)·F·D + 2·(N + S)·F·(Dv+1) (~4·N·F·D + 4·N·F·D);
-        * bidirectional band share: 2·(F + Dv + 1) per band-tile pair (~2·N·W·F);
-          causal: the C×C triangles instead, 2·C·C·(F + Dv + 1) per query block, and
-          the state and readout per block of C rows (the last block zero-padded).
+        * features, 2·(N + S)·F·D, and the (F, Dv+1) key state, 2·S·F·(Dv+1);
+        * bidirectional far field (:func:`_far_field`, counted block for block): per
+          interior row one readout 2·F·(Dv+1) and two triangles 2·(2C + W mod C − 1)·(F + Dv + 1),
+          plus the key segments' states 2·F·(Dv+1) per key; end blocks take their band
+          tile, 2·(W + C)·(F + Dv + 1) per row.  About 2·N·F·(2D + 2(Dv+1) + 2C) in all;
+        * causal: the C×C triangles, 2·C·C·(F + Dv + 1) per query block, and the state
+          and readout per block of C rows (the last block zero-padded).
 
         With W >= S (causal: >= N) only the band runs.
         """
@@ -494,8 +537,11 @@ class Hybrid(Method):
             return band
         c, f, d, dv1 = self.block_size(), self.features, shape.d, shape.dv + 1
         if not shape.is_causal:
-            pairs = band / (2.0 * shape.batch * shape.hq * (d + shape.dv))  # the band's own tiles
-            return band + Performer(f).flops(shape) + 2.0 * shape.batch * shape.hq * pairs * (f + dv1)
+            rows = max(c, block_rows(shape.batch * shape.hq, f, multiple=c))  # as _bidirectional, no autograd
+            far_q, far_kv = _far_flops(LocalPattern(shape.n, shape.s, self.window), c, rows, f, shape.dv)
+            per_q_head = 2.0 * shape.n * f * d + far_q
+            per_kv_head = 2.0 * shape.s * f * d + 2.0 * shape.s * f * dv1 + far_kv
+            return band + shape.batch * (shape.hq * per_q_head + shape.hkv * per_kv_head)
         rows = -(-shape.n // c) * c  # whole blocks (the last one zero-padded)
         far_keys = min(shape.s, max(0, rows - self.window + 1))
         per_q_head = 2.0 * shape.n * f * d + 2.0 * rows * f * dv1 + 2.0 * rows * c * (f + dv1)

@@ -314,7 +314,11 @@ def _attend(qs_i: Tensor, parts: list[_Part], may_be_empty: bool, want_lse: bool
     for part, pp in zip(parts, probs):
         o = torch.matmul(pp, part.v)  # (…, rows, Dv)
         out = o if out is None else out + o
-    lse = torch.logsumexp(sc, dim=-1) if want_lse else None
+    # log-sum-exp from the softmax's own result: lse = max(s) − log(max(p)), since the
+    # largest score's probability is exp(max − lse).  Two read-only max passes instead
+    # of logsumexp's four (max, subtract, exp, sum); max(p) >= 1/L keeps the log well
+    # conditioned, and the gradient is still p (the two max terms' parts cancel).
+    lse = sc.amax(dim=-1) - torch.log(p.amax(dim=-1)) if want_lse else None
     if row_ok is not None:
         out = out * row_ok
         lse = lse.masked_fill(~row_ok.squeeze(-1), NEG_INF) if want_lse else None
