@@ -12,8 +12,10 @@ The far field is never formed pair by pair:
 * bidirectional: ``φ(q_i)·Σ_all φ(k_j)[v_j, 1] − φ(q_i)·Σ_{j∈band(i)} φ(k_j)[v_j, 1]``: the
   feature state of all keys (one (F, Dv+1) state per head) minus the band's own share of
   it, so that no key is counted twice (Scatterbrain's rule: the sparse part replaces the
-  low-rank estimate on its support).  The share is computed block by block, a query
-  block's C×L product against the keys its windows span, like the exact band.
+  low-rank estimate on its support).  Per block of C query rows the windows slide by
+  one key per row: the keys common to the block's rows come out of the total state as
+  per-block states (sums of C-key segments), the rest is two C-wide triangles of
+  feature products (:func:`_far_field`).
 * causal: the band is the previous W keys, the far field the keys ``j <= i − W``.  A
   running state absorbs keys as they leave the band: query block [i0, i0 + C) reads the
   state of keys < i0 − W + 1 and a C×C triangle over the next C keys, which it then
@@ -21,7 +23,7 @@ The far field is never formed pair by pair:
 
 The band comes from :func:`local_band_stats` (exact softmax statistics per query), the
 features and running key state from Performer's public pieces.  Cost
-O(N·(W + C)·(D + F) + (N + S)·F·D): no N×S tensor, no N×F×D cumulative tensor.
+O(N·(W + C)·D + N·(C + D + Dv)·F): no N×S tensor, no N×F×D cumulative tensor.
 
 Reference:
     Chen, Dao, Winsor, Song, Rudra, Ré, "Scatterbrain: Unifying Sparse and Low-rank
@@ -234,16 +236,25 @@ def _key_features(
 ) -> tuple[KeyState, Tensor, Tensor]:
     """All keys absorbed into one :class:`KeyState`, and φ(K) (…, S, F), [V, 1] (…, S, Dv+1).
 
-    Computed a cache-sized block of keys at a time (as Performer's bidirectional path).
-    The running shift grows from block to block; the stored features of earlier blocks
-    are then brought to the final shift (× exp(m_block − m_final) <= 1), so that the band
-    share uses exactly the features the state summed.
+    Under autograd, computed a cache-sized block of keys at a time (as Performer's
+    bidirectional path): the running shift grows from block to block, and the stored
+    features of earlier blocks are then brought to the final shift (× exp(m_block −
+    m_final) <= 1), so that the band share uses exactly the features the state summed.
     """
     f, dv = w.shape[0], v.shape[-1]
     lead = _keys_lead(k, keep)
     keys = KeyState(k, lead, f, dv + 1)
     step = block_rows(math.prod(lead), f)
     v1 = _with_ones(v)  # (…, S, Dv+1)
+    if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+        # No autograd: all logits in one GEMM, the final shift known up front, then the
+        # exp and the state a cache-sized block at a time, in place -- φ(K) is the logits'
+        # own buffer (no concatenation, no second pass to a later shift).
+        phi_k = feature_logits(k, w, scale, keep)  # (…, S, F)
+        keys.m = phi_k.amax(dim=(-2, -1), keepdim=True) if phi_k.shape[-2] else keys.m
+        for kb, v1b in zip(phi_k.split(step, dim=-2), v1.split(step, dim=-2)):
+            keys.absorb(keys.features(kb, inplace=True), v1b)
+        return keys, phi_k, v1
     k_blocks = k.split(step, dim=-2)
     keep_blocks = keep.split(step, dim=-2) if keep is not None and keep.shape[-2] > 1 else [keep] * len(k_blocks)
     phis, shifts = [], []

@@ -622,7 +622,9 @@ def local_band_stats(
     out, lse = _local(q, k, v, mask, pattern, choose_block(pattern.window, block), scale, want_lse=True)
     empty = lse == NEG_INF
     m = torch.where(empty, 0.0, lse).detach()
-    l = torch.where(empty, 0.0, torch.exp(lse - m))
+    l = torch.where(empty, 0.0, torch.exp(lse - m))  # 1 or 0 in value; the gradient of lse under autograd
+    if not l.requires_grad:  # out is already 0 where l is: skip a pass over (N, Dv)
+        return BandStats(m, l, out)
     return BandStats(m, l, out * l[..., None])
 
 
