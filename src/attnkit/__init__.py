@@ -26,6 +26,7 @@ from .ops.lowrank import LowRank
 from .ops.nystrom import Nystrom
 from .ops.performer import Performer
 from .nn import MultiheadAttention
+from .patch import PatchHandle, patch
 
 __version__ = "0.1.0"
 
@@ -41,12 +42,14 @@ __all__ = [
     "MethodNotSupportedError",
     "MultiheadAttention",
     "Nystrom",
+    "PatchHandle",
     "Performer",
     "SDPA",
     "Tiled",
     "attention",
     "explain",
     "methods",
+    "patch",
     "reference_attention",
     "register",
 ]
