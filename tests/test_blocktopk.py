@@ -234,7 +234,7 @@ def test_deterministic_bitwise():
         ({"topk": -1}, "topk must be an int >= 0"),
         ({"sinks": -1}, "sinks must be an int >= 0"),
         ({"topk": 2.0}, "topk must be an int"),
-        ({"score": "median"}, "score must be 'mean' or 'max'"),
+        ({"score": "median"}, r"score must be one of \['mean', 'max'\]"),
     ],
 )
 def test_bad_configs_fail_early(kwargs, match):

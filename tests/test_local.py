@@ -265,7 +265,7 @@ def test_deterministic_bitwise():
         ({"window": 2.5}, "window must be an int"),
         ({"window": 4, "sinks": -1}, "sinks must be an int >= 0"),
         ({"window": 4, "global_tokens": -2}, "global_tokens must be an int >= 0"),
-        ({"window": 4, "block": 0}, "block must be a positive int"),
+        ({"window": 4, "block": 0}, "block must be an int >= 1"),
     ],
 )
 def test_bad_configs_fail_early(kwargs, match):

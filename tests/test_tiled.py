@@ -112,7 +112,7 @@ def test_block_rule_keeps_tiles_bounded():
         assert 1 <= bq <= n and 1 <= bk <= s
         assert lead * bq * bk <= max(1 << 20, lead * 16 * bk)
     assert choose_blocks(8, 100, 100, 7, 9) == (7, 9)
-    with pytest.raises(ValueError, match="block_q must be a positive int"):
+    with pytest.raises(ValueError, match="block_q must be an int >= 1"):
         attnkit.Tiled(block_q=0)
 
 

@@ -88,6 +88,24 @@ class Method:
     name: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
 
+    def check_int(self, field: str, low: int | None, *, optional: bool = False, hint: str = "") -> None:
+        """For ``__post_init__``: raise a ValueError that names the field unless it is an
+        int (a bool is not) >= ``low`` (None: any int), or None when ``optional`` (None =
+        automatic)."""
+        value = getattr(self, field)
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+            bound = "" if low is None else f" >= {low}"
+            either = " or None (automatic)" if optional else ""
+            raise ValueError(f"{type(self).__name__}({field}={value!r}): {field} must be an int{bound}{either}{hint}")
+
+    def check_choice(self, field: str, choices: tuple) -> None:
+        """For ``__post_init__``: raise a ValueError that names the field unless it is one of ``choices``."""
+        value = getattr(self, field)
+        if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+            raise ValueError(f"{type(self).__name__}({field}={value!r}): {field} must be one of {list(choices)}")
+
     def not_supported_reasons(self, inp: AttentionInputs, *, need_weights: bool = False) -> list[str]:
         """Reasons this method cannot serve ``inp`` (empty when it can)."""
         caps = self.capabilities

@@ -482,11 +482,8 @@ class BlockTopK(Method):
 
     def __post_init__(self):
         for field, low in (("window", 1), ("block", 1), ("topk", 0), ("sinks", 0)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"BlockTopK({field}={value!r}): {field} must be an int >= {low}")
-        if self.score not in ("mean", "max"):
-            raise ValueError(f"BlockTopK(score={self.score!r}): score must be 'mean' or 'max'")
+            self.check_int(field, low)
+        self.check_choice("score", ("mean", "max"))
 
     def layout(self, n: int, s: int, is_causal: bool) -> BlockLayout:
         return BlockLayout(n, s, self.block, self.window, self.sinks, is_causal)

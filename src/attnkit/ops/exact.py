@@ -105,9 +105,7 @@ class Tiled(Method):
 
     def __post_init__(self):
         for field in ("block_q", "block_k"):
-            value = getattr(self, field)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Tiled({field}={value!r}): {field} must be a positive int or None (automatic)")
+            self.check_int(field, 1, optional=True)
 
     def params(self, inp: AttentionInputs) -> TileParams:
         lead = math.prod(inp.batch_shape) * inp.hq

@@ -493,16 +493,10 @@ class Hybrid(Method):
 
     def __post_init__(self):
         for field, low in (("window", 1), ("features", 1), ("redraw", 0)):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Hybrid({field}={value!r}): {field} must be an int >= {low}")
-        block = self.block
-        if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-            raise ValueError(f"Hybrid(block={self.block!r}): block must be a positive int or None (automatic)")
-        if not isinstance(self.orthogonal, bool):
-            raise ValueError(f"Hybrid(orthogonal={self.orthogonal!r}): orthogonal must be True or False")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Hybrid(seed={self.seed!r}): seed must be an int")
+            self.check_int(field, low)
+        self.check_int("block", 1, optional=True)
+        self.check_choice("orthogonal", (True, False))
+        self.check_int("seed", None)
 
     def block_size(self) -> int:
         return choose_block(self.window, self.block)

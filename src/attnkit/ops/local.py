@@ -673,13 +673,9 @@ class Local(Method):
     )
 
     def __post_init__(self):
-        checks = (("window", 1), ("global_tokens", 0), ("sinks", 0))
-        for field, low in checks:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Local({field}={value!r}): {field} must be an int >= {low}")
-        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
-            raise ValueError(f"Local(block={self.block!r}): block must be a positive int or None (automatic)")
+        for field, low in (("window", 1), ("global_tokens", 0), ("sinks", 0)):
+            self.check_int(field, low)
+        self.check_int("block", 1, optional=True)
 
     def pattern(self, n: int, s: int, is_causal: bool) -> LocalPattern:
         return LocalPattern(n, s, self.window, self.global_tokens, self.sinks, is_causal)

@@ -367,14 +367,10 @@ class LowRank(Method):
     )
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ValueError(f"LowRank(rank={self.rank!r}): rank must be an int >= 1 (e.g. rank=256)")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"LowRank(projection={self.projection!r}): projection must be one of {list(PROJECTIONS)}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"LowRank(seed={self.seed!r}): seed must be an int >= 0")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
-            raise ValueError(f"LowRank(max_len={self.max_len!r}): max_len must be an int >= 1 or None")
+        self.check_int("rank", 1, hint=" (e.g. rank=256)")
+        self.check_choice("projection", tuple(PROJECTIONS))
+        self.check_int("seed", 0)
+        self.check_int("max_len", 1, optional=True)
         if self.projection == "learned":
             if self.max_len is None:
                 raise ValueError(
@@ -386,8 +382,7 @@ class LowRank(Method):
                     f"LowRank(rank={self.rank}, max_len={self.max_len}): a learned projection needs "
                     f"rank <= max_len; lower rank or raise max_len"
                 )
-        if not isinstance(self.count_bias, bool):
-            raise ValueError(f"LowRank(count_bias={self.count_bias!r}): count_bias must be True or False")
+        self.check_choice("count_bias", (True, False))
 
     def not_supported_reasons(self, inp: AttentionInputs, *, need_weights: bool = False) -> list[str]:
         reasons = super().not_supported_reasons(inp, need_weights=need_weights)

@@ -171,10 +171,8 @@ class Nystrom(Method):
     )
 
     def __post_init__(self):
-        if not isinstance(self.landmarks, int) or isinstance(self.landmarks, bool) or self.landmarks < 1:
-            raise ValueError(f"Nystrom(landmarks={self.landmarks!r}): landmarks must be an int >= 1 (e.g. 64)")
-        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
-            raise ValueError(f"Nystrom(iters={self.iters!r}): iters must be an int >= 1 (the paper uses 6)")
+        self.check_int("landmarks", 1, hint=" (e.g. 64)")
+        self.check_int("iters", 1, hint=" (the paper uses 6)")
 
     def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
         ct = compute_dtype(inp.dtype)

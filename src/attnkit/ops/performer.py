@@ -463,19 +463,11 @@ class Performer(Method):
     )
 
     def __post_init__(self):
-        def positive_int(field: str, value: object, allow_zero: bool = False) -> None:
-            low = 0 if allow_zero else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"Performer({field}={value!r}): {field} must be an int >= {low}")
-
-        positive_int("features", self.features)
-        positive_int("redraw", self.redraw, allow_zero=True)
-        if self.chunk is not None:
-            positive_int("chunk", self.chunk)
-        if not isinstance(self.orthogonal, bool):
-            raise ValueError(f"Performer(orthogonal={self.orthogonal!r}): orthogonal must be True or False")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"Performer(seed={self.seed!r}): seed must be an int")
+        self.check_int("features", 1)
+        self.check_int("redraw", 0)
+        self.check_int("chunk", 1, optional=True)
+        self.check_choice("orthogonal", (True, False))
+        self.check_int("seed", None)
 
     def chunk_size(self) -> int:
         return self.chunk or DEFAULT_CHUNK
