@@ -252,6 +252,7 @@ class _Part(NamedTuple):
     keep: Tensor | None
     bias: Tensor | None
     src: tuple
+    drop: Tensor | None = None  # ~keep, made once per plan: a small op per block costs a thread wake-up
 
 
 class _Unit(NamedTuple):
@@ -285,7 +286,7 @@ def _scores(qs_i: Tensor, part: _Part) -> tuple[Tensor, Tensor | None]:
         finite = part.bias != NEG_INF
         visible = finite if visible is None else visible & finite
     if visible is not None:
-        sc.masked_fill_(~visible, NEG_INF)
+        sc.masked_fill_(part.drop if part.bias is None and part.drop is not None else ~visible, NEG_INF)
     return sc, visible
 
 
@@ -368,6 +369,7 @@ class _Plan:
         self.k, self.v, self.mask, self.p, self.block = k, v, mask, p, block
         self.lead, self.device = lead, k.device
         self.cache: dict[tuple, Tensor] = {}  # positional masks that depend on j - i only
+        self.negated: dict[int, tuple[Tensor, Tensor]] = {}  # id(mask) -> (mask, ~mask) for cached masks
         width = p.window + block - 1 + p.prefix
         # batched: one run for all uniform blocks (the plain-autograd path: per-chunk
         # slices of k would each cost a k-sized zero tensor in the backward).
@@ -401,6 +403,19 @@ class _Plan:
             self.cache[key] = keep
         return keep
 
+    def drop(self, keep: Tensor | None) -> Tensor | None:
+        """``~keep``, computed once for each positional mask of ``self.cache`` (masks
+        combined with a user mask are per block: negated per block, not kept)."""
+        if keep is None:
+            return None
+        hit = self.negated.get(id(keep))
+        if hit is not None and hit[0] is keep:
+            return hit[1]
+        if not any(keep is t for t in self.cache.values()):
+            return ~keep
+        self.negated[id(keep)] = (keep, ~keep)
+        return self.negated[id(keep)][1]
+
     def single(self, blk: Block) -> _Unit:
         i0, i1 = blk.i0, blk.i1
         parts = []
@@ -409,7 +424,7 @@ class _Plan:
             ukeep, bias = _user_parts(self.mask, i0, i1, j0, j1)
             if ukeep is not None:
                 keep = ukeep if keep is None else keep & ukeep
-            parts.append(_Part(self.k[..., j0:j1, :], self.v[..., j0:j1, :], keep, bias, ("slice", j0, j1)))
+            parts.append(_Part(self.k[..., j0:j1, :], self.v[..., j0:j1, :], keep, bias, ("slice", j0, j1), self.drop(keep)))
         may_be_empty = self.mask is not None or self.p.rows_may_be_empty(i0, i1)
         return _Unit(i0, i1, None, parts, may_be_empty)
 
@@ -428,7 +443,7 @@ class _Plan:
         if m is not None:
             mw = _window_tiles(m, i0, lo, c, bq, wk)  # (…', C, bq|1, wk)
             keep, bias = (keep & mw, None) if m.dtype == torch.bool else (keep, mw)
-        parts = [_Part(kw, vw, keep, bias, ("windows", lo, wk, bq))]
+        parts = [_Part(kw, vw, keep, bias, ("windows", lo, wk, bq), self.drop(keep))]
         if p.prefix:
             ukeep, ubias = _user_parts(m, i0, i0 + c * bq, 0, p.prefix)
             if m is not None and m.shape[-2] != 1:
