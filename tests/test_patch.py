@@ -79,7 +79,6 @@ def test_encoder_layer_fast_path_is_skipped(monkeypatch):
         spy = Spy(monkeypatch)
         with attnkit.patch(layer, "math"):
             out = layer(x)
-            approx = None
         with attnkit.patch(layer, attnkit.Performer(features=8)):
             approx = layer(x)
     assert spy.calls == 2

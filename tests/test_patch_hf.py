@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers", reason="needs the 'eval' extr
 from transformers import AttentionInterface, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
+from attnkit import hf  # noqa: E402
+
 REL = 1e-4
 VOCAB, N = 101, 37
 
@@ -213,13 +215,13 @@ def test_no_n_by_s_mask_is_built(arch, monkeypatch):
     assert any(s[-2:] == (n, n) for s in plain.shapes)  # transformers' own sdpa builds one: the probe works
 
     seen = []
-    original = attnkit.hf.run
+    original = hf.run
 
     def spy(q, k, v, attn_mask, dropout_p, is_causal, scale, **kw):
         seen.append((None if attn_mask is None else tuple(attn_mask.shape), is_causal))
         return original(q, k, v, attn_mask, dropout_p, is_causal, scale, **kw)
 
-    monkeypatch.setattr(attnkit.hf, "run", spy)
+    monkeypatch.setattr(hf, "run", spy)
     with attnkit.patch(model, "tiled:block_q=16,block_k=16"), ShapeLog() as patched:
         logits(model, ids, mask)
     assert not [s for s in patched.shapes if s[-2:] == (n, n)]
@@ -242,3 +244,20 @@ def test_output_attentions():
     assert len(out) == len(ref) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out, ref))
     with attnkit.patch(model, "performer:features=16"), pytest.raises(MethodNotSupportedError, match="weights"):
         model(ids, attention_mask=mask, output_attentions=True)
+
+
+def test_mask_function_plain_patterns_and_dense_fallback(monkeypatch):
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
+    keep = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    args = dict(batch_size=2, q_length=4, kv_length=4, dtype=torch.float32, device="cpu")
+    assert hf.mask_function(**args, mask_function=causal_mask_function, attention_mask=None) is None
+    full = torch.ones(2, 4, dtype=torch.bool)
+    assert hf.mask_function(**args, mask_function=causal_mask_function, attention_mask=full) is None
+    assert torch.equal(hf.mask_function(**args, mask_function=causal_mask_function, attention_mask=keep), keep)
+    # a pattern is_causal + key padding cannot say: transformers' own dense mask, with a warning
+    window = and_masks(causal_mask_function, sliding_window_overlay(2))
+    monkeypatch.setattr(hf, "_warned_dense", False)
+    with pytest.warns(UserWarning, match="O\\(N\\*S\\)"):
+        dense = hf.mask_function(**args, mask_function=window, attention_mask=keep)
+    assert dense.shape == (2, 1, 4, 4) and not dense[1, 0, 3, 0] and dense[1, 0, 3, 2]
