@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnkit
 from attnkit import MethodNotSupportedError
 
-transformers = pytest.importorskip("transformers", reason="needs the 'eval' extra: pip install -e '.[eval]'")
+transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
 from transformers import AttentionInterface, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
