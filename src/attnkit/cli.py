@@ -56,7 +56,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from attnkit.bench.exact import main as bench_main
+    from attnkit.bench.main import main as bench_main
 
     return bench_main(rest)
 

@@ -1,5 +1,6 @@
 """Measuring pieces for benchmarks: wall-clock timing, peak memory in a fresh process,
-FLOP counts.  Nothing here runs on import."""
+FLOP counts, errors against the float64 reference, and the ``attnkit bench`` runner
+(:mod:`.main`, :mod:`.runner`, :mod:`.report`, :mod:`.plots`).  Nothing here runs on import."""
 
 from .flops import attention_flops
 from .memory import PeakMemory, measure_peak, peak_memory_here

@@ -13,11 +13,11 @@ measures the peak extra memory of one call in a fresh process (torch profiler me
 records, see :mod:`attnkit.bench.memory`).  A case whose projected peak exceeds the
 memory budget is listed as skipped, with the projection.
 
-Usage (``attnkit bench`` runs this module; ``benchmarks/bench_exact.py`` too)::
+Usage (``attnkit bench --suite exact`` runs this module; ``benchmarks/bench_exact.py`` too)::
 
-    attnkit bench --out benchmarks/results          # full (~15-25 min)
-    attnkit bench --quick --out /tmp/bench          # < 1 min
-    attnkit bench --blocks --out benchmarks/results # block-size sweep
+    attnkit bench --suite exact --out benchmarks/results  # full (~15-25 min)
+    attnkit bench --suite exact --quick --out /tmp/bench  # < 1 min
+    attnkit bench --blocks --out benchmarks/results       # block-size sweep
 
 Writes ``exact_cpu.json`` (raw numbers + machine) and ``exact_cpu.md`` (tables), or
 ``exact_blocks.json`` and ``exact_blocks.md`` with ``--blocks``.
@@ -26,12 +26,9 @@ Writes ``exact_cpu.json`` (raw numbers + machine) and ``exact_cpu.md`` (tables),
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit.bench import attention_flops, forward_backward_closure, forward_closure, measure_peak, time_callable
+from attnkit.bench.machine import machine_info
 from attnkit.bench.timing import Timing, pool, wait_for_quiet
 from attnkit.core.inputs import prepare_inputs
 
@@ -126,41 +124,6 @@ def fmt_ratio(x, pct=False) -> str:
     if x is None:
         return "-"
     return f"{100 * x:.2f}%" if pct else f"{x:.2f}x"
-
-
-def machine_info() -> dict:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    mem_total = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "mem_total_bytes": mem_total,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "attnkit": attnkit.__version__,
-        "git_commit": commit,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def timed(fn, args) -> dict:
@@ -414,7 +377,7 @@ def print_summary(targets) -> None:
 
 def parse_args(argv=None):
     mem_total = machine_info()["mem_total_bytes"] or 16 * 2**30
-    p = argparse.ArgumentParser(prog="attnkit bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="attnkit bench --suite exact", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, nargs="+", help=f"sequence lengths (default {FULL_NS}; --blocks: 4096)")
     p.add_argument("--methods", nargs="+", default=list(METHODS),
@@ -463,7 +426,7 @@ def main(argv=None) -> int:
         "quiet_wait": args.quiet_wait, "quiet_load": args.quiet_load, "retries": args.retries, "rounds": args.rounds if args.blocks else None,
         "no_timing": args.no_timing,
         "mem_budget_bytes": args.mem_budget, "memory_probe": "profiler (torch.profiler memory records, fresh process)",
-        "command": "attnkit bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "attnkit bench --suite exact " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_s": time.perf_counter() - start,
     }
     name = "exact_blocks" if args.blocks else "exact_cpu"

@@ -11,7 +11,9 @@ not counted, so a kernel that recomputes is not credited for it.
 
 from __future__ import annotations
 
-__all__ = ["MODES", "attention_flops"]
+from typing import Callable
+
+__all__ = ["MODES", "attention_flops", "counted_flops"]
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 
@@ -56,3 +58,19 @@ def attention_flops(
     if mode == "bwd":
         return _BACKWARD_OVER_FORWARD * fwd
     return (1 + _BACKWARD_OVER_FORWARD) * fwd
+
+
+def counted_flops(fn: Callable[[], object]) -> int | None:
+    """FLOPs of one ``fn()`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them.
+
+    The counter knows matmuls, convolutions and the unfused attention ops; it counts 0
+    for torch's fused CPU SDPA kernel and for anything it has no formula for.  Returns
+    None when it counts nothing, so that a report never prints 0 FLOPs for a fused
+    kernel: the caller falls back to the formula and says so.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    total = int(counter.get_total_flops())
+    return total or None

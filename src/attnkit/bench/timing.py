@@ -199,7 +199,8 @@ def forward_backward_closure(
 
     def run() -> None:
         out = attn(q, k, v)
-        out.backward(grad_out)
+        # under autocast the output may come back in the low dtype
+        out.backward(grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype))
         for t in leaves:
             t.grad = None
 

@@ -1,0 +1,547 @@
+"""The benchmark sweep behind ``attnkit bench``: every method × N × dtype × mode.
+
+For each case, in order of growing N (so that smaller cases project the cost of larger
+ones), the runner
+
+1. checks the method can serve it (declared capabilities; a baseline's availability);
+2. projects its time per call and peak memory from the same method's smaller N
+   (:func:`attnkit.bench.scaling.project`) and skips it -- listed with the reason and
+   the projection, never dropped -- when that is over ``time_budget_s``,
+   ``mem_budget_bytes`` or what is left of ``run_budget_s``;
+3. times it (:func:`attnkit.bench.timing.time_callable`, every block kept as a raw
+   sample), counts its FLOPs with ``FlopCounterMode`` at small N (cross-check of the
+   formula), and measures its peak extra memory in a fresh process
+   (:func:`attnkit.bench.memory.measure_peak`);
+4. measures, once per method × N × dtype, its error against the float64 reference on
+   structured inputs (output, gradients, and the implied attention matrix at small N).
+
+The result is a plain dict (the ``results.json`` the report, plots and ``--compare``
+read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
+``--profile`` modes.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from ..core.inputs import prepare_inputs
+from ..core.reference import reference_attention
+from ..core.registry import resolve
+from .accuracy import method_errors, reference_with_grads
+from .cases import (
+    BASELINES, DTYPES, MODES, Case, Preset, attention_callable, autocast_for, case_flops, make_call, make_qkv,
+    unsupported_reason,
+)
+from .flops import counted_flops
+from .memory import forkserver_context, measure_peak
+from .scaling import fit_exponent, project
+from .timing import time_callable, wait_for_quiet
+
+__all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
+
+LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked
+
+
+@dataclass
+class Config:
+    """What one ``attnkit bench`` run measures and within which budgets.
+
+    Attributes:
+        methods: baseline names (``vanilla``, ``torch-sdpa``, ``xformers``) and attnkit specs.
+        preset: the attention shape.
+        ns: sequence lengths (N = S), measured in increasing order.
+        dtypes: names from :data:`attnkit.bench.cases.DTYPES`.
+        time_budget_s: skip a case whose projected time per call is above this.
+        mem_budget_bytes: skip a case whose projected peak extra memory is above this.
+        run_budget_s: skip what would not finish within this many seconds of the start.
+        accuracy_max_n / prob_max_n / flop_check_max_n: the largest N at which errors,
+            implied-probability errors and counted FLOPs are measured.
+    """
+
+    methods: list[str]
+    preset: Preset
+    ns: list[int]
+    dtypes: list[str]
+    modes: tuple[str, ...] = MODES
+    device: str = "cpu"
+    warmup: int = 1
+    repeats: int = 3
+    min_run_time: float = 0.2
+    quiet_wait: float = 0.0
+    quiet_load: float = 0.25
+    retries: int = 0
+    time_budget_s: float = 2.0
+    mem_budget_bytes: int = 8 * 2**30
+    run_budget_s: float | None = None
+    timing: bool = True
+    memory: bool = True
+    accuracy: bool = True
+    accuracy_max_n: int = 4096
+    prob_max_n: int = 1024
+    flop_check_max_n: int = 1024
+    compile: bool = False
+    progress: bool = True
+    verbose: bool = False
+    memory_context: str = "forkserver"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["preset"] = asdict(self.preset)
+        return d
+
+
+# -- progress ---------------------------------------------------------------------------
+
+
+class _Progress:
+    """tqdm's bar with an ETA when tqdm is installed (the ``bench`` extra), plain lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.enabled, self.total, self.done, self.start = enabled, total, 0, time.monotonic()
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label[:48], refresh=False)
+            self.bar.update(1)
+        elif self.enabled and (self.done % 10 == 0 or self.done == self.total):
+            rate = (time.monotonic() - self.start) / self.done
+            print(f"[{self.done}/{self.total}] ETA {rate * (self.total - self.done):.0f} s ({label})",
+                  file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- one case ---------------------------------------------------------------------------
+
+
+def _timed(fn, cfg: Config) -> dict:
+    """Time ``fn``; re-time up to ``cfg.retries`` times when other processes used more than
+    ``LOADED`` of the CPU, keeping the least disturbed attempt (all attempts recorded)."""
+    attempts = []
+    for _ in range(1 + cfg.retries):
+        if cfg.quiet_wait > 0:
+            wait_for_quiet(cfg.quiet_load, cfg.quiet_wait, interval=0.5)
+        t = time_callable(fn, warmup=cfg.warmup, repeats=cfg.repeats, min_run_time=cfg.min_run_time).as_dict()
+        attempts.append(t)
+        if t["other_load"] is None or t["other_load"] <= LOADED:
+            break
+    best = min(attempts, key=lambda t: t["other_load"] or 0.0)
+    return {**best, "attempts": [{"median": t["median"], "other_load": t["other_load"]} for t in attempts]}
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.3g} s" if x >= 1 else f"{x * 1e3:.3g} ms"
+
+
+def _fmt_b(x: float) -> str:
+    return f"{x / 2**30:.3g} GiB" if x >= 2**30 else f"{x / 2**20:.3g} MiB"
+
+
+def _materialised_bytes(case: Case) -> int | None:
+    """Peak of the methods that build the N x S matrices, before anything was measured."""
+    if case.method not in ("vanilla", "math"):
+        return None
+    p = case.preset
+    return (2 if case.mode == "fwd" else 3) * p.batch * p.hq * case.n * case.n * 4
+
+
+class _History:
+    """Measured (N, time, bytes) per (method, dtype, mode, compiled), for projections and fits."""
+
+    def __init__(self):
+        self.points: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
+        self.over: dict[tuple, str] = {}
+
+    @staticmethod
+    def key(case: Case) -> tuple:
+        return (case.label, case.dtype, case.mode)
+
+    def add(self, case: Case, t: float | None, b: float | None) -> None:
+        self.points.setdefault(self.key(case), []).append((case.n, t, b))
+
+    def project(self, case: Case, which: int) -> tuple[float, float] | None:
+        pts = self.points.get(self.key(case), [])
+        return project([p[0] for p in pts], [p[which] for p in pts], case.n)
+
+
+def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -> tuple[dict, str | None]:
+    """(projection, reason to skip or None)."""
+    proj: dict = {}
+    pt = hist.project(case, 1)
+    if pt is not None:
+        proj["time_s"], proj["time_exponent"] = pt
+    pb = hist.project(case, 2)
+    if pb is not None:
+        proj["bytes"], proj["bytes_exponent"] = pb
+    elif _materialised_bytes(case) is not None:
+        proj["bytes"], proj["bytes_exponent"] = _materialised_bytes(case), 2.0
+    ref = min((p[0] for p in hist.points.get(hist.key(case), [])), default=None)
+    basis = f"from N<={max(p[0] for p in hist.points[hist.key(case)])}" if ref else "by formula"
+    if "time_s" in proj and proj["time_s"] > cfg.time_budget_s:
+        return proj, (f"projected {_fmt_s(proj['time_s'])} per call ({basis}, exponent "
+                      f"{proj['time_exponent']:.2f}) exceeds the time budget {_fmt_s(cfg.time_budget_s)} per call "
+                      f"(--time-budget-s)")
+    if "bytes" in proj and proj["bytes"] > cfg.mem_budget_bytes:
+        return proj, (f"projected peak {_fmt_b(proj['bytes'])} ({basis}, exponent {proj['bytes_exponent']:.2f}) "
+                      f"exceeds the memory budget {_fmt_b(cfg.mem_budget_bytes)} (--mem-budget-gib)")
+    if cfg.run_budget_s is not None:
+        cost = (cfg.warmup + cfg.repeats + 3) * proj.get("time_s", 0.0)
+        left = cfg.run_budget_s - (time.monotonic() - started)
+        if cost > left:
+            proj["case_wall_s"] = cost
+            return proj, (f"the run budget ({cfg.run_budget_s:.0f} s, --run-budget-s) leaves {max(left, 0):.0f} s; "
+                          f"this case would take about {cost:.0f} s")
+    return proj, None
+
+
+def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
+    row: dict = {"status": "ok"}
+    fn = make_call(case, cfg.seed)
+    if case.compiled:
+        start = time.perf_counter()
+        fn()  # compiles
+        row["compile_s"] = time.perf_counter() - start
+    if case.n <= cfg.flop_check_max_n and not case.compiled:
+        row["flops_counted"] = counted_flops(fn)
+    if cfg.timing:
+        row["time"] = _timed(fn, cfg)
+        row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
+    del fn
+    gc.collect()
+    if cfg.memory and not case.compiled:
+        limit = 120 + 20 * row["time"]["median"] if "time" in row else None
+        mem = measure_peak(_memory_factory, case, cfg.seed, torch.get_num_threads(), device=case.device, timeout=limit,
+                           context=mem_ctx, quiet=True)
+        row["memory"] = mem.as_dict()
+        if not mem.ok:
+            row["status"], row["reason"] = "error", f"memory: {mem.error}"
+    elif case.compiled:
+        row["memory_note"] = "not measured for compiled runs (each fresh process would compile again)"
+    return row
+
+
+def _memory_factory(case: Case, seed: int, threads: int):
+    """The fresh process's factory: the parent's thread count, then the case's call."""
+    torch.set_num_threads(threads)
+    return make_call(case, seed)
+
+
+# -- accuracy ---------------------------------------------------------------------------
+
+
+class _References:
+    """Float64 reference output, gradients (and probabilities at small N) per (N, dtype), computed once."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.cache = cfg, {}
+
+    def get(self, n: int, dtype: str):
+        if (n, dtype) not in self.cache:
+            self.cache.clear()  # one (N, dtype) at a time: the sweep goes in that order
+            cfg = self.cfg
+            q, k, v = make_qkv(cfg.preset, n, dtype, cfg.device, seed=cfg.seed, structured=True)
+            g = torch.Generator().manual_seed(cfg.seed + 7)
+            grad_out = torch.randn(q.shape, generator=g).to(cfg.device)
+            ref = reference_with_grads(q, k, v, grad_out)
+            probs = None
+            if n <= cfg.prob_max_n:
+                with torch.no_grad():
+                    _, probs = reference_attention(q, k, v, return_weights=True)
+            self.cache[n, dtype] = (q, k, v, grad_out, ref, probs)
+        return self.cache[n, dtype]
+
+
+def _accuracy(method: str, n: int, dtype: str, refs: _References) -> dict:
+    q, k, v, grad_out, ref, probs = refs.get(n, dtype)
+    fn = attention_callable(method)
+
+    def run(q, k, v):
+        with autocast_for(dtype, refs.cfg.device):
+            return fn(q, k, v)
+
+    implied = None
+    if probs is not None and method not in BASELINES and not resolve(method).capabilities.exact:
+        m = resolve(method)
+        with torch.no_grad():
+            implied = m.implied_weights(prepare_inputs(q, k, v, None, 0.0, False, None)).double()
+    res = method_errors(run, q, k, v, grad_out, ref, implied=implied, ref_probs=probs if implied is not None else None)
+    res["reference"] = "materialised" if q.shape[0] * q.shape[-3] * n * n <= 2**26 else "torch SDPA in float64"
+    return res
+
+
+# -- the sweep --------------------------------------------------------------------------
+
+
+def _cases(cfg: Config) -> list[Case]:
+    out = []
+    for n in sorted(cfg.ns):
+        for dtype in cfg.dtypes:
+            for method in cfg.methods:
+                for compiled in ((False, True) if cfg.compile and method != "xformers" else (False,)):
+                    for mode in cfg.modes:
+                        out.append(Case(method, cfg.preset, n, dtype, mode, cfg.device, compiled))
+    return out
+
+
+def _warm_process(cfg: Config) -> None:
+    """One small untimed call of each kind, so that the first timed case pays no one-off costs."""
+    for method in ("torch-sdpa", "tiled"):
+        for mode in cfg.modes:
+            make_call(Case(method, cfg.preset, 256, cfg.dtypes[0], mode, cfg.device), cfg.seed)()
+
+
+def run_sweep(cfg: Config) -> dict:
+    """Measure every case of ``cfg``; returns ``{"cases": [...], "accuracy": [...], "fits": [...]}``.
+
+    Never raises for a failing case: it is recorded with ``status`` "error" and the reason.
+    """
+    for d in cfg.dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"dtype {d!r}: must be one of {sorted(DTYPES)}")
+    started = time.monotonic()
+    cases = _cases(cfg)
+    hist, refs = _History(), _References(cfg)
+    mem_ctx = forkserver_context() if cfg.memory_context == "forkserver" else cfg.memory_context
+    rows, acc_rows = [], []
+    bar = _Progress(len(cases), cfg.progress, "attnkit bench")
+    _warm_process(cfg)
+    try:
+        for case in cases:
+            row = {**case.as_dict(), "label": case.label, "flops": case_flops(case.method, case.preset.shape(case.n), case.mode)}
+            why = unsupported_reason(case.method, case.preset, case.n, case.dtype, case.device)
+            if why is not None:
+                row.update(status="unavailable" if case.method in BASELINES else "unsupported", reason=why)
+            else:
+                proj, skip = _projection_check(case, cfg, hist, started)
+                row["projected"] = proj
+                if skip is None and hist.key(case) in hist.over:
+                    skip = f"a smaller N was skipped ({hist.over[hist.key(case)]})"
+                if skip is not None:
+                    row.update(status="skipped", reason=skip)
+                    hist.over.setdefault(hist.key(case), f"N={case.n}")
+                else:
+                    case_start = time.monotonic()
+                    try:
+                        row.update(_measure_case(case, cfg, mem_ctx))
+                    except Exception as e:  # one failing case must not stop the sweep; it is reported
+                        row.update(status="error", reason=f"{type(e).__name__}: {e}")
+                    row["wall_s"] = time.monotonic() - case_start
+                    if row["status"] == "ok":
+                        hist.add(case, row.get("time", {}).get("median"), (row.get("memory") or {}).get("peak_bytes"))
+            rows.append(row)
+            if cfg.verbose:
+                t = row.get("time", {}).get("median")
+                bar.write(f"N={case.n} {case.dtype} {case.label} {case.mode}: {row['status']}"
+                          + (f" {_fmt_s(t)}" if t else "") + (f" ({row.get('reason')})" if row.get("reason") else ""))
+            gc.collect()
+            if cfg.accuracy and case.mode == cfg.modes[-1] and not case.compiled:
+                acc_start = time.monotonic()
+                acc_rows.append(_accuracy_row(case, cfg, rows, refs))
+                acc_rows[-1]["wall_s"] = time.monotonic() - acc_start
+            bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
+    finally:
+        bar.close()
+    return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}
+
+
+def _accuracy_row(case: Case, cfg: Config, rows: list[dict], refs: _References) -> dict:
+    out = {"method": case.method, "n": case.n, "dtype": case.dtype, "preset": case.preset.name}
+    mine = [r for r in rows if (r["method"], r["n"], r["dtype"], r["compiled"]) == (case.method, case.n, case.dtype, False)]
+    if case.n > cfg.accuracy_max_n:
+        return {**out, "status": "skipped", "reason": f"N > --accuracy-max-n {cfg.accuracy_max_n}"}
+    bad = [r for r in mine if r["status"] in ("unsupported", "unavailable")]
+    if bad:
+        return {**out, "status": bad[0]["status"], "reason": bad[0]["reason"]}
+    if any(r["status"] == "skipped" for r in mine) and not any(r["status"] == "ok" for r in mine):
+        return {**out, "status": "skipped", "reason": "the case was over budget"}
+    try:
+        return {**out, "status": "ok", **_accuracy(case.method, case.n, case.dtype, refs)}
+    except Exception as e:  # reported, not raised
+        return {**out, "status": "error", "reason": f"{type(e).__name__}: {e}"}
+
+
+def scaling_fits(rows: list[dict], cfg: Config, min_n: int = 1024) -> list[dict]:
+    """Log-log exponent of time, memory and FLOPs against N per (method, dtype, mode).
+
+    Fitted over N >= ``min_n`` where at least two such points were measured (smaller N
+    are dominated by fixed overheads), else over all measured N.
+    """
+    fits = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["dtype"], r["mode"]), []).append(r)
+    for (label, dtype, mode), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        big = [r for r in ok if r["n"] >= min_n]
+        use = big if len(big) >= 2 else ok
+        ns = [r["n"] for r in use]
+
+        def fit(values):
+            f = fit_exponent(ns, values)
+            return None if f is None else {"exponent": f.exponent, "coef": f.coef, "ns": list(f.ns)}
+
+        fits.append({
+            "label": label, "dtype": dtype, "mode": mode,
+            "time": fit([r.get("time", {}).get("median") for r in use]),
+            "memory": fit([(r.get("memory") or {}).get("peak_bytes") for r in use]),
+            "flops": fit([r["flops"] for r in use]),
+        })
+    return fits
+
+
+# -- --stress ---------------------------------------------------------------------------
+
+STRESS_KINDS = {
+    "large-norm q": ("fp32", "queries scaled to norm ~ 100·sqrt(D): scores in the thousands"),
+    "repeated tokens": ("fp32", "every key and value the same token: ties everywhere"),
+    "all-masked rows": ("fp32", "B=2, every key of batch 1 masked (key-padding mask): its rows must be 0"),
+    "fp16 near overflow": ("fp16", "fp16 |q|, |k| <= 60 (scaled scores up to ~3e4), |v| up to 6e4 (fp16 max 65504)"),
+    "bf16 near overflow": ("bf16", "bf16 |q|, |k| <= 300 (scaled scores up to ~7e5), |v| up to 4e34: a sum of "
+                                   "values over S overflows fp32"),
+}
+
+
+def _stress_inputs(kind: str, preset: Preset, n: int, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    b = 2 if kind == "all-masked rows" else preset.batch
+    q = torch.randn(b, preset.hq, n, preset.d, generator=g)  # (B, Hq, N, D)
+    k, v = (torch.randn(b, preset.hkv, n, preset.d, generator=g) for _ in range(2))  # (B, Hkv, N, D)
+    mask = None
+    dtype = torch.float32
+    if kind == "large-norm q":
+        q = q * 100
+    elif kind == "repeated tokens":
+        k, v = k[..., :1, :].expand_as(k).contiguous(), v[..., :1, :].expand_as(v).contiguous()
+    elif kind == "all-masked rows":
+        mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        mask[1] = False
+    elif kind == "fp16 near overflow":
+        dtype = torch.float16
+        q, k = q / q.abs().amax() * 60, k / k.abs().amax() * 60
+        v = v.clamp(-4, 4) * 1.5e4
+    elif kind == "bf16 near overflow":
+        dtype = torch.bfloat16
+        q, k = q / q.abs().amax() * 300, k / k.abs().amax() * 300
+        v = v.clamp(-4, 4) * 1e34
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+    return q, k, v, (None if mask is None else mask.to(device))
+
+
+def run_stress(cfg: Config, ns: list[int]) -> list[dict]:
+    """Forward outputs on numerically hard inputs; counts NaN and inf per method (must be 0).
+
+    ``cfg.time_budget_s`` bounds each call as in the sweep (projected from smaller N, skip listed).
+    """
+    import attnkit
+
+    rows, hist = [], {}
+    kinds = list(STRESS_KINDS)
+    bar = _Progress(len(ns) * len(kinds) * len(cfg.methods), cfg.progress, "attnkit bench --stress")
+    try:
+        for n in sorted(ns):
+            for kind in kinds:
+                q, k, v, mask = _stress_inputs(kind, cfg.preset, n, cfg.device, cfg.seed)
+                for method in cfg.methods:
+                    row = {"kind": kind, "method": method, "n": n, "dtype": str(q.dtype).removeprefix("torch.")}
+                    why = unsupported_reason(method, cfg.preset, n, "fp32", cfg.device)
+                    if why is None and method not in BASELINES:
+                        inp = prepare_inputs(q, k, v, mask, 0.0, False, None)
+                        why = "; ".join(resolve(method).not_supported_reasons(inp)) or None
+                    pts = hist.get((method, kind), [])
+                    proj = project([p[0] for p in pts], [p[1] for p in pts], n)
+                    if why is not None:
+                        row.update(status="unsupported", reason=why)
+                    elif proj is not None and proj[0] > cfg.time_budget_s:
+                        row.update(status="skipped", reason=f"projected {_fmt_s(proj[0])} per call exceeds the time "
+                                   f"budget {_fmt_s(cfg.time_budget_s)} (--time-budget-s)", projected_time_s=proj[0])
+                    else:
+                        try:
+                            start = time.perf_counter()
+                            with torch.no_grad():
+                                if method in BASELINES:
+                                    if mask is not None:
+                                        import torch.nn.functional as F
+                                        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask) \
+                                            if method == "torch-sdpa" else _vanilla_masked(q, k, v, mask)
+                                    else:
+                                        out = attention_callable(method)(q, k, v)
+                                else:
+                                    out = attnkit.attention(q, k, v, attn_mask=mask, method=method)
+                            wall = time.perf_counter() - start
+                            hist.setdefault((method, kind), []).append((n, wall))
+                            row.update(status="ok", nan=int(torch.isnan(out).sum()), inf=int(torch.isinf(out).sum()),
+                                       time_s=wall)
+                            if mask is not None:
+                                row["masked_rows_nonzero"] = int((out[1] != 0).any(-1).sum())
+                            del out
+                        except Exception as e:  # reported, not raised
+                            row.update(status="error", reason=f"{type(e).__name__}: {e}")
+                    rows.append(row)
+                    bar.step(f"{kind} N={n} {method}")
+                del q, k, v, mask
+                gc.collect()
+    finally:
+        bar.close()
+    return rows
+
+
+def _vanilla_masked(q, k, v, mask):
+    from .cases import vanilla_attention  # noqa: F401  (same formula, with the mask added)
+
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+# -- --profile --------------------------------------------------------------------------
+
+
+def run_profile(cfg: Config, method: str, n: int, out_dir, mode: str = "fwd_bwd", top: int = 15) -> tuple[str, str]:
+    """Profile one case with ``torch.profiler``; writes a Chrome trace, returns (path, top-ops table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    case = Case(method, cfg.preset, n, cfg.dtypes[0], mode, cfg.device)
+    why = unsupported_reason(method, cfg.preset, n, cfg.dtypes[0], cfg.device)
+    if why is not None:
+        raise ValueError(f"--profile {method} {n}: {why}")
+    fn = make_call(case, cfg.seed)
+    fn()  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(cfg.device).type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True, profile_memory=True) as prof:
+        fn()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_=" else "_" for c in method)
+    path = out_dir / f"profile_{safe}_N{n}_{cfg.dtypes[0]}_{mode}.json"
+    prof.export_chrome_trace(str(path))
+    sort = "self_cuda_time_total" if torch.device(cfg.device).type == "cuda" else "self_cpu_time_total"
+    return str(path), prof.key_averages().table(sort_by=sort, row_limit=top)
+
+
+def replace_config(cfg: Config, **kw) -> Config:
+    return replace(cfg, **kw)
