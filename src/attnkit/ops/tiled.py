@@ -24,7 +24,16 @@ from torch import Tensor
 from ..core.random import seeded_generator
 from ..core.reference import causal_keep
 
-__all__ = ["TileParams", "tiled_attention", "tiled_weights", "choose_blocks", "compute_dtype", "dropout_keep_tile"]
+__all__ = [
+    "TileParams",
+    "choose_blocks",
+    "compute_dtype",
+    "dropout_keep_tile",
+    "partial_attention",
+    "partial_attention_backward",
+    "tiled_attention",
+    "tiled_weights",
+]
 
 NEG_INF = float("-inf")
 
@@ -179,6 +188,36 @@ def _backward(
                 dmt = _mask_tile(dmask, i0, i1, j0, j1)
                 dmt += ds.sum_to_size(dmt.shape)
     return dq * prm.scale, dk, dv, dmask
+
+
+def partial_attention(qs: Tensor, k: Tensor, v: Tensor, prm: TileParams) -> tuple[Tensor, Tensor]:
+    """The forward over one key chunk, for callers that merge chunks themselves (ring attention).
+
+    Args:
+        qs: (*lead, N, D) queries, already scaled and in the compute dtype.
+        k: (*lead', S, D) and v: (*lead', S, Dv) keys and values in the compute dtype.
+        prm: the tiling; ``prm.is_causal`` aligns the chunks top-left (local indices).
+
+    Returns:
+        out (*lead, N, Dv) and lse (*lead, N), normalised within this chunk only; two
+        chunks merge as ``lse = logaddexp(lse1, lse2)``, ``out = Σ exp(lse_i - lse)·out_i``.
+    """
+    return _forward(qs, k, v, None, prm)
+
+
+def partial_attention_backward(
+    qs: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, prm: TileParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward over one key chunk, given the *merged* ``out`` and ``lse`` of all chunks.
+
+    P is recomputed as exp(scores - lse), the true probabilities over every chunk, so
+    the chunks' dq contributions sum to the full dq and dk, dv are exact for this chunk.
+    Same arguments as :func:`partial_attention` plus out (*lead, N, Dv), lse (*lead, N)
+    and dout (*lead, N, Dv) in the compute dtype.  Returns dq (w.r.t. the unscaled q),
+    dk, dv (reduced to k's and v's shapes).
+    """
+    dq, dk, dv, _ = _backward(qs, k, v, None, out, lse, dout, prm, False)
+    return dq, dk, dv
 
 
 class _TiledAttention(torch.autograd.Function):
