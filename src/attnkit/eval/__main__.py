@@ -1,0 +1,7 @@
+"""``python -m attnkit.eval ...`` (the same as ``attnkit eval ...``)."""
+
+import sys
+
+from .main import main
+
+sys.exit(main())
