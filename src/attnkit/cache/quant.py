@@ -1,0 +1,156 @@
+"""Group-wise asymmetric integer quantization with really packed codes.
+
+A group of G numbers ``x`` (the last dim) is stored as ``bits``-bit codes ``c`` plus one
+fp16 ``scale`` and one fp16 ``low`` (the zero point, kept as the value that code 0
+means), and read back as ``x̂ = low + c·scale``:
+
+    low   = fp16(lo), rounded down so that low <= lo
+    scale = fp16((hi − low) / (2^bits − 1)), rounded up so that hi <= low + qmax·scale
+    c     = clamp(round((x − low) / scale), 0, qmax)
+
+With min-max scaling ``[lo, hi] = [min x, max x]``, so every x lies in the representable
+range and ``|x − x̂| <= scale/2`` (up to fp32 rounding).  Why an fp16 low and not an
+integer zero point: KV channels carry offsets far from 0 (a key channel may hold values in
+[5, 6] for a whole group), and an integer zero point in code units must keep 0 inside
+the range, or else overflow its integer type -- an fp16 low has neither problem, for
+2 bytes.
+
+``scale="search"`` (adaptive) clips the range: it tries ``lo' = lo + a·(hi − lo)``,
+``hi' = hi − b·(hi − lo)`` for a, b in {0, 0.05, …, 0.25} (so the range shrinks from 1.0
+down to 0.5 of min-max's, at either end independently: an outlier on one side is cut
+without moving the other) and keeps, per group, the pair with the least squared error
+of the group.  (a, b) = (0, 0) is min-max itself, so the search's error is never larger.
+
+Codes are packed along the last dim, ``8 // bits`` per byte, "planar": a row of L codes
+is padded with zeros to ``L' = k·ceil(L/k)`` and byte j holds codes j, j + L'/k, …, in
+bit slots 0, bits, 2·bits, …; unpacking is then ``k`` shift-and-mask passes and one
+concatenation (no interleave).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["BITS", "SCALES", "dequantize", "pack", "quantize", "unpack"]
+
+BITS = (2, 4, 8)
+SCALES = ("minmax", "search")
+_CLIP = tuple(i * 0.05 for i in range(6))  # fraction of the range cut at each end
+_FP16_MIN_SCALE = 2.0**-14  # smallest normal fp16: a constant group still gets a finite scale
+
+
+def _check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"argument 'bits': expected one of {BITS}, got {bits!r}")
+    return 8 // bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes in [0, 2^bits) along the last dim, ``8 // bits`` codes per byte.
+
+    Args:
+        codes: (..., L) uint8, every entry < 2^bits.
+        bits: 2, 4 or 8.
+
+    Returns:
+        (..., ceil(L·bits/8)) uint8 (planar layout: see the module docstring).
+    """
+    per = _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"argument 'codes': expected uint8 codes, got {codes.dtype}")
+    if per == 1:
+        return codes.contiguous()
+    length = codes.shape[-1]
+    row = -(-length // per)
+    if row * per != length:
+        codes = torch.nn.functional.pad(codes, (0, row * per - length))
+    parts = codes.split(row, dim=-1)  # per × (..., row)
+    out = parts[0].clone()
+    for slot in range(1, per):
+        out |= parts[slot] << (bits * slot)
+    return out
+
+
+def unpack(packed: Tensor, bits: int, length: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """Inverse of :func:`pack`: (..., ceil(length·bits/8)) uint8 -> (..., length) codes in ``dtype``."""
+    per = _check_bits(bits)
+    if per == 1:
+        out = packed[..., :length]
+        return out if dtype == torch.uint8 else out.to(dtype)
+    mask = (1 << bits) - 1
+    parts = [packed & mask] + [(packed >> (bits * slot)) & mask for slot in range(1, per)]
+    out = torch.cat(parts, dim=-1)  # (..., per·row)
+    if out.shape[-1] != length:
+        out = out[..., :length]
+    return out if dtype == torch.uint8 else out.to(dtype)
+
+
+def _round_down_fp16(x: Tensor) -> Tensor:
+    """fp16 values <= x (x fp32), the nearest such."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() > x, torch.nextafter(h, h.new_tensor(float("-inf"))), h)
+
+
+def _round_up_fp16(x: Tensor) -> Tensor:
+    """fp16 values >= x (x fp32, finite, >= smallest normal), the nearest such."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, torch.nextafter(h, h.new_tensor(float("inf"))), h)
+
+
+def _params(lo: Tensor, hi: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """fp16 (scale, low) covering [lo, hi] with ``qmax`` steps."""
+    low = _round_down_fp16(lo)
+    scale = _round_up_fp16(((hi - low.float()) / qmax).clamp_min(_FP16_MIN_SCALE))
+    return scale, low
+
+
+def _codes(x: Tensor, scale: Tensor, low: Tensor, qmax: int) -> Tensor:
+    """fp32 codes (integers in [0, qmax]) of x (..., G) for per-group scale, low (..., 1)."""
+    return torch.round((x - low.float()) / scale.float()).clamp_(0, qmax)
+
+
+def quantize(x: Tensor, bits: int, scale: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize groups along the last dim.
+
+    Args:
+        x: (..., G) float; each row along the last dim is one group.
+        bits: 2, 4 or 8.
+        scale: ``"minmax"`` (the range of the group) or ``"search"`` (the clipped range
+            with the least squared error, see the module docstring).
+
+    Returns:
+        codes (..., G) uint8 (not packed), scale (...,) fp16, low (...,) fp16, so that
+        ``x ≈ low[..., None] + codes * scale[..., None]``.
+
+    Equivalent to (min-max)::
+
+        low = x.amin(-1); scale = (x.amax(-1) - low) / (2**bits - 1)
+        codes = round((x - low) / scale)
+    """
+    _check_bits(bits)
+    if scale not in SCALES:
+        raise ValueError(f"argument 'scale': expected one of {SCALES}, got {scale!r}")
+    qmax = (1 << bits) - 1
+    x = x.float()
+    lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)  # (..., 1)
+    if scale == "minmax" or x.shape[-1] == 0:
+        s, low = _params(lo, hi, qmax)
+        return _codes(x, s, low, qmax).to(torch.uint8), s[..., 0], low[..., 0]
+    width = hi - lo
+    clip = torch.tensor(_CLIP, device=x.device)
+    a, b = torch.meshgrid(clip, clip, indexing="ij")  # (C, C)
+    a, b = a.reshape(-1), b.reshape(-1)  # (K,) candidates; index 0 is (0, 0) = min-max
+    lo_k = lo + a * width  # (..., K)
+    hi_k = hi - b * width  # (..., K)
+    s_k, low_k = _params(lo_k, hi_k, qmax)  # (..., K)
+    c = _codes(x[..., None, :], s_k[..., None], low_k[..., None], qmax)  # (..., K, G)
+    err = (low_k.float()[..., None] + c * s_k.float()[..., None] - x[..., None, :]).pow_(2).sum(-1)  # (..., K)
+    best = err.argmin(dim=-1, keepdim=True)  # (..., 1): the first minimum, so ties keep min-max
+    s, low = s_k.gather(-1, best), low_k.gather(-1, best)  # (..., 1)
+    return _codes(x, s, low, qmax).to(torch.uint8), s[..., 0], low[..., 0]
+
+
+def dequantize(codes: Tensor, scale: Tensor, low: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``low + codes·scale`` in ``dtype``: codes (..., G), scale and low (...,)."""
+    return torch.addcmul(low.to(dtype)[..., None], codes.to(dtype), scale.to(dtype)[..., None])

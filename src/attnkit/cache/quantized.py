@@ -1,0 +1,321 @@
+"""KIVI-style quantized KV cache: keys per channel, values per token, integers packed.
+
+Reference: Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
+ICML 2024.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .quant import BITS, SCALES, dequantize, pack, quantize, unpack
+from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
+
+__all__ = ["QuantizedCache", "QuantizedLayer", "QuantizedSnapshot"]
+
+DEFAULT_BLOCK = 1024  # cached tokens dequantized per step of the attention (a multiple of the group)
+
+
+class QuantizedSnapshot(Snapshot):
+    """A :class:`QuantizedLayer`'s contents before one update, plus the new tokens.
+
+    Tokens [0, P) are cached: keys [0, nG·G) in packed groups, [nG·G, P) in full
+    precision; values [0, Lv) packed per token, [Lv, P) in full precision (Lv >= nG·G).
+    Tokens [P, P + N) are the new ones, in full precision.
+    """
+
+    def __init__(self, layer: QuantizedLayer, k_new: Tensor, v_new: Tensor):
+        self.bits, self.group, self.vgroup, self.block = layer.bits, layer.group_size, layer.vgroup, layer.block
+        self.kc, self.ks, self.kl = layer.key_codes, layer.key_scale, layer.key_low  # (B, H, nG, D, ·)
+        self.vc, self.vs, self.vl = layer.value_codes, layer.value_scale, layer.value_low  # (B, H, Lv, ng, ·)
+        self.kr, self.vr = layer.key_residual, layer.value_residual  # (B, H, ·, D), (B, H, ·, Dv)
+        self.k_new, self.v_new = k_new, v_new
+        self.batch, self.heads, n, self.head_dim = k_new.shape
+        self.value_dim = v_new.shape[-1]
+        self.cached = layer.seen
+        self.length = self.cached + n
+        self.dtype, self.device = k_new.dtype, k_new.device
+
+    # -- dequantization, one block at a time -----------------------------------------
+
+    def keys(self, g0: int, g1: int) -> Tensor:
+        """Key groups [g0, g1) dequantized: (B, H, (g1−g0)·G, D) fp32."""
+        codes = unpack(self.kc[:, :, g0:g1], self.bits, self.group)  # (B, H, nb, D, G)
+        k = dequantize(codes, self.ks[:, :, g0:g1], self.kl[:, :, g0:g1])  # (B, H, nb, D, G)
+        return k.transpose(-1, -2).reshape(self.batch, self.heads, -1, self.head_dim)  # (B, H, nb·G, D)
+
+    def values(self, t0: int, t1: int) -> Tensor:
+        """Value rows [t0, t1) (t1 <= Lv) dequantized: (B, H, t1−t0, Dv) fp32."""
+        codes = unpack(self.vc[:, :, t0:t1], self.bits, self.vgroup)  # (B, H, L, ng, Gv)
+        v = dequantize(codes, self.vs[:, :, t0:t1], self.vl[:, :, t0:t1])  # (B, H, L, ng, Gv)
+        return v.flatten(-2)[..., : self.value_dim]  # (B, H, L, Dv)
+
+    def _tail(self) -> tuple[Tensor, Tensor]:
+        """Keys and values of tokens [nG·G, P + N): the full-precision residual and the new tokens."""
+        q_end = self.kc.shape[2] * self.group
+        k = torch.cat([self.kr.float(), self.k_new.float()], dim=-2)
+        v = torch.cat([self.values(q_end, self.vc.shape[2]), self.vr.float(), self.v_new.float()], dim=-2)
+        return k, v
+
+    # -- the fast path: scales folded into the products --------------------------------
+
+    def _key_scores(self, qs: Tensor, g0: int, g1: int) -> Tensor:
+        """Scaled scores of qs (B, H, M, D) against key groups [g0, g1): (B, H, M, (g1−g0)·G).
+
+        Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group: the codes are used as
+        they unpack, (D, G) per group, with no dequantization pass and no transpose."""
+        codes = unpack(self.kc[:, :, g0:g1], self.bits, self.group, torch.float32)  # (B, H, nb, D, G)
+        s, low = self.ks[:, :, g0:g1].float(), self.kl[:, :, g0:g1].float()  # (B, H, nb, D)
+        scores = torch.matmul(qs[:, :, None] * s[:, :, :, None, :], codes)  # (B, H, nb, M, G)
+        scores += torch.matmul(low, qs.transpose(-1, -2))[..., None]  # + q·low: (B, H, nb, M, 1)
+        b, h, nb, m, g = scores.shape
+        return scores.transpose(2, 3).reshape(b, h, m, nb * g)  # (B, H, M, L)
+
+    def _value_product(self, p: Tensor, t0: int, t1: int) -> Tensor:
+        """p (B, H, M, L) times value rows [t0, t1): (B, H, M, Dv).
+
+        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group."""
+        codes = unpack(self.vc[:, :, t0:t1], self.bits, self.vgroup, torch.float32)  # (B, H, L, ng, Gv)
+        s, low = self.vs[:, :, t0:t1].float(), self.vl[:, :, t0:t1].float()  # (B, H, L, ng)
+        if codes.shape[3] == 1:  # one group per token (Gv = Dv): plain matmuls
+            out = torch.matmul(p * s[..., 0][:, :, None], codes[:, :, :, 0]) + torch.matmul(p, low)
+        else:
+            out = torch.einsum("bhmlg,bhlgc->bhmgc", p[..., None] * s[:, :, None], codes)
+            out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
+        return out[..., : self.value_dim]
+
+    def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
+        n = self.k_new.shape[-2]
+        state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
+        step = max(1, self.block // self.group)  # groups per block
+        qs = q * scale
+        for g0 in range(0, self.kc.shape[2], step):
+            g1 = min(g0 + step, self.kc.shape[2])
+            t0, t1 = g0 * self.group, g1 * self.group
+            scores = self._key_scores(qs, g0, g1)  # (B, H, G·N, L)
+            if keep is not None:
+                scores = scores.masked_fill(~keep[..., t0:t1], float("-inf"))
+            state.add(scores, pv=lambda p, t0=t0, t1=t1: self._value_product(p, t0, t1))
+        k, v = self._tail()
+        scores = torch.matmul(qs, k.transpose(-1, -2))  # (B, H, G·N, L)
+        if is_causal and n > 1:
+            new = scores[..., -n:]
+            new.masked_fill_(~new_token_keep(n, q.shape[-2] // n, q.device), float("-inf"))
+        if keep is not None:
+            scores = scores.masked_fill(~keep[..., self.length - k.shape[-2] :], float("-inf"))
+        state.add(scores, v)
+        return state.result()
+
+    def materialize(self) -> tuple[Tensor, Tensor]:
+        ng = self.kc.shape[2]
+        k_tail, v_tail = self._tail()
+        k = torch.cat([self.keys(0, ng), k_tail], dim=-2) if ng else k_tail
+        v = torch.cat([self.values(0, ng * self.group), v_tail], dim=-2) if ng else v_tail
+        return k.to(self.dtype), v.to(self.dtype)
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """One layer of a :class:`QuantizedCache` (a transformers ``CacheLayerMixin``).
+
+    Held tensors (B batch, H kv heads, D, Dv head dims, G group, Gv = min(G, Dv),
+    ng = ceil(Dv/Gv), b bits):
+
+    * ``key_codes`` (B, H, nG, D, G·b/8) uint8, ``key_scale``/``key_low`` (B, H, nG, D) fp16:
+      keys per channel, each group G consecutive tokens;
+    * ``value_codes`` (B, H, Lv, ng, Gv·b/8) uint8, ``value_scale``/``value_low`` (B, H, Lv, ng)
+      fp16: values per token, each group Gv channels;
+    * ``key_residual`` (B, H, P − nG·G, D), ``value_residual`` (B, H, P − Lv, Dv) in the
+      model's dtype: keys not yet in a full group or among the newest R, values among the
+      newest R.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    _TENSORS = ("key_codes", "key_scale", "key_low", "value_codes", "value_scale", "value_low",
+                "key_residual", "value_residual")
+
+    def __init__(self, bits: int, group_size: int, residual: int, scale: str, block: int, materialize: bool):
+        super().__init__()
+        self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
+        self.block, self.materialize = block, materialize
+        self.seen = 0
+        for name in self._TENSORS:
+            setattr(self, name, None)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        b, h, _, d = key_states.shape
+        dv = value_states.shape[-1]
+        self.vgroup = min(self.group_size, dv)
+        ng = -(-dv // self.vgroup)
+        kw = {"device": key_states.device}
+        self.key_codes = torch.empty(b, h, 0, d, -(-self.group_size * self.bits // 8), dtype=torch.uint8, **kw)
+        self.key_scale = torch.empty(b, h, 0, d, dtype=torch.float16, **kw)
+        self.key_low = torch.empty(b, h, 0, d, dtype=torch.float16, **kw)
+        self.value_codes = torch.empty(b, h, 0, ng, -(-self.vgroup * self.bits // 8), dtype=torch.uint8, **kw)
+        self.value_scale = torch.empty(b, h, 0, ng, dtype=torch.float16, **kw)
+        self.value_low = torch.empty(b, h, 0, ng, dtype=torch.float16, **kw)
+        self.key_residual = key_states.new_empty(b, h, 0, d)
+        self.value_residual = value_states.new_empty(b, h, 0, dv)
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
+        """Add N new tokens; returns two :class:`CacheView` (or, with ``materialize``,
+        plain (B, H, P+N, D) tensors) covering the P cached tokens and the new ones."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        snap = QuantizedSnapshot(self, key_states, value_states)
+        self.key_residual = torch.cat([self.key_residual, key_states], dim=-2)
+        self.value_residual = torch.cat([self.value_residual, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        self._flush()
+        if self.materialize:
+            return snap.materialize()
+        return CacheView(snap, "key"), CacheView(snap, "value")
+
+    def _flush(self) -> None:
+        """Quantize every value older than the newest R and every full key group among them."""
+        r = self.residual
+        nv = self.value_residual.shape[-2] - r
+        if nv > 0:
+            v = self.value_residual[:, :, :nv].float()  # (B, H, nv, Dv)
+            ng, gv = self.value_codes.shape[3], self.vgroup
+            if ng * gv != v.shape[-1]:  # pad by repeating the last channel: the group's range is unchanged
+                v = torch.cat([v, v[..., -1:].expand(*v.shape[:-1], ng * gv - v.shape[-1])], dim=-1)
+            codes, s, low = quantize(v.reshape(*v.shape[:-1], ng, gv), self.bits, self.scale)  # (B, H, nv, ng, Gv)
+            self.value_codes = torch.cat([self.value_codes, pack(codes, self.bits)], dim=2)
+            self.value_scale = torch.cat([self.value_scale, s], dim=2)
+            self.value_low = torch.cat([self.value_low, low], dim=2)
+            self.value_residual = self.value_residual[:, :, nv:].clone()  # clone: free the old storage
+        nk = (self.key_residual.shape[-2] - r) // self.group_size * self.group_size
+        if nk > 0:
+            b, h, _, d = self.key_residual.shape
+            k = self.key_residual[:, :, :nk].float().reshape(b, h, -1, self.group_size, d)  # (B, H, nG', G, D)
+            codes, s, low = quantize(k.transpose(-1, -2), self.bits, self.scale)  # (B, H, nG', D, G)
+            self.key_codes = torch.cat([self.key_codes, pack(codes, self.bits)], dim=2)
+            self.key_scale = torch.cat([self.key_scale, s], dim=2)
+            self.key_low = torch.cat([self.key_low, low], dim=2)
+            self.key_residual = self.key_residual[:, :, nk:].clone()
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor the layer holds, by name."""
+        return {name: getattr(self, name) for name in self._TENSORS if getattr(self, name) is not None}
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        for name in self._TENSORS:
+            setattr(self, name, None)
+        self.seen = 0
+        self.is_initialized = False
+
+    def _select(self, fn) -> None:
+        if self.is_initialized:
+            for name, t in self.tensors().items():
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._select(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "QuantizedCache cannot crop: quantized groups cannot be cut back (assisted generation and "
+            "contrastive search need a croppable cache such as transformers' DynamicCache)"
+        )
+
+
+class QuantizedCache(Cache):
+    """A KV cache with keys and values quantized to 4, 2 or 8 bits (KIVI), for ``generate()``.
+
+    Keys are quantized per channel over groups of G consecutive tokens (key outliers sit
+    in fixed channels, so a channel's range is tight), values per token over groups of
+    Gv = min(G, Dv) channels.  Integers are packed (two 4-bit / four 2-bit codes per
+    byte) with one fp16 scale and one fp16 zero point (the value of code 0) per group,
+    see :mod:`attnkit.cache.quant`.  Keys not yet in a full group, and the newest
+    ``residual`` tokens, stay in the model's dtype; values are quantized as soon as they
+    are older than the newest ``residual`` (per-token groups need no wait).
+
+    ``update()`` returns :class:`CacheView` handles, which :func:`cache_attention` reads
+    one block of ``block`` tokens at a time (dequantized in fp32, merged by online
+    softmax): no full-precision copy of the cache is held.  The model must run attnkit's
+    attention (:func:`attnkit.cache.enable`, or ``attnkit.patch``); ``materialize=True``
+    returns plain dequantized tensors instead, for any model (which then holds one
+    layer's full copy at a time).
+
+    Args:
+        bits: 4, 2 or 8 bits per code.
+        group_size: G, tokens per key group and (at most) channels per value group.
+        residual: R >= 0, the newest tokens kept in full precision.
+        scale: ``"minmax"`` or ``"search"`` (adaptive: per group, the clipped range with the
+            least squared error; see :func:`attnkit.cache.quant.quantize`).
+        block: cached tokens dequantized per step of the attention (rounded to whole groups).
+        materialize: return plain dequantized tensors from ``update()``.
+
+    Defaults, and the byte arithmetic behind them (per cached number; an fp16 cache holds
+    2 B): codes b/8 B; a group's fp16 scale + fp16 zero point 4 B, i.e. 4/G per key
+    number and 4/Gv per value number.  With G = 64 (Gv = 64 for a head dim of 64, as in
+    SmolLM2) the overhead is 0.0625 B, so 4-bit costs 0.5625 B (3.56x smaller than fp16)
+    and 2-bit 0.3125 B (6.4x).  Groups of 32 would cost 0.125 B of overhead: 2-bit could
+    not reach 6x.  The residual is what is left: each full-precision token costs
+    2·(D+Dv)·4 B in an fp32 model, so at 2048 tokens 64 of them would add 0.125 B per
+    number -- hence ``residual=0`` by default (the new tokens of a step are always
+    attended in full precision; keys wait at most G−1 tokens for their group).  G = 128
+    would save 0.031 B more but let up to 127 keys wait unquantized.
+
+    Example::
+
+        cache = attnkit.cache.QuantizedCache(bits=4)
+        attnkit.cache.enable(model)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=256)
+        cache.nbytes()
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 64,
+        residual: int = 0,
+        scale: str = "minmax",
+        *,
+        block: int = DEFAULT_BLOCK,
+        materialize: bool = False,
+    ):
+        if bits not in BITS:
+            raise ValueError(f"QuantizedCache: argument 'bits' must be one of {BITS}, got {bits!r}")
+        for name, value, low in (("group_size", group_size, 1), ("residual", residual, 0), ("block", block, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"QuantizedCache: argument {name!r} must be an int >= {low}, got {value!r}")
+        if scale not in SCALES:
+            raise ValueError(f"QuantizedCache: argument 'scale' must be one of {SCALES}, got {scale!r}")
+        self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
+        layer = functools.partial(QuantizedLayer, bits, group_size, residual, scale, block, bool(materialize))
+        super().__init__(layer_class_to_replicate=layer)
+
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales, zero points and the full-precision residual, all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedCache(bits={self.bits}, group_size={self.group_size}, residual={self.residual}, "
+                f"scale={self.scale!r}, layers={len(self.layers)}, tokens={self.get_seq_length()})")
