@@ -27,12 +27,15 @@ from .ops.nystrom import Nystrom
 from .ops.performer import Performer
 from .nn import MultiheadAttention
 from .patch import PatchHandle, patch
+from .calibrate import Calibration, calibrate
+from .autotune import autotune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionInputError",
     "BlockTopK",
+    "Calibration",
     "Capabilities",
     "Exact",
     "Hybrid",
@@ -47,6 +50,8 @@ __all__ = [
     "SDPA",
     "Tiled",
     "attention",
+    "autotune",
+    "calibrate",
     "explain",
     "methods",
     "patch",
