@@ -1,0 +1,104 @@
+"""attnkit.autotune on a tiny random-weight Llama: the plan respects δ, takes the cheapest
+candidate within it (priced at seq_len), round-trips through JSON and patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnkit
+from attnkit.autotune import EXACT, fit_flops, load_plan, save_plan, select
+from attnkit.core.inputs import Shape
+from attnkit.core.registry import resolve
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+VOCAB, N = 101, 64
+CANDIDATES = ["local:window=8", "local:window=16,sinks=4", "local:window=32", "blocktopk:window=8,block=8,topk=2",
+              "lowrank:rank=8"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    m = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked attention, as in pretrained models (random weights are near uniform)
+        for name, p in m.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(3.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def report(model):
+    ids = torch.randint(0, VOCAB, (2, N), generator=torch.Generator().manual_seed(3))
+    return attnkit.autotune(model, [ids], max_error=0.3, candidates=CANDIDATES, seq_len=256)
+
+
+def test_plan_respects_the_budget_and_takes_the_cheapest(report):
+    for delta in (0.0, 0.05, 0.3, 1.0, 10.0):
+        plan = select(report, delta)
+        for layer, spec in plan["layers"].items():
+            row = report["table"][layer]
+            assert row[spec]["error"] <= delta
+            within = [r["flops"] for r in row.values() if r.get("error") is not None and r["error"] <= delta]
+            assert row[spec]["flops"] == min(within)
+    assert set(select(report, 0.0)["layers"].values()) == {EXACT}
+    assert select(report, 0.0)["flops"]["ratio"] == pytest.approx(1.0)
+
+
+def test_errors_are_measured_and_priced_at_seq_len(report):
+    row = report["table"]["0"]
+    assert row[EXACT]["error"] == 0.0
+    assert "is_causal" in row["lowrank:rank=8"]["skipped"]  # LowRank cannot serve a causal model
+    shape = Shape(1, 4, 2, 256, 256, 8, 8, True)
+    for spec in ("local:window=8", "blocktopk:window=8,block=8,topk=2"):
+        assert row[spec]["flops"] == resolve(spec).flops(shape)
+        assert len(row[spec]["head_errors"]) == 4 and all(h >= 0 for h in row[spec]["head_errors"])
+    # a wider window is no worse, pooled over the batch
+    assert row["local:window=32"]["error"] <= row["local:window=8"]["error"] + 1e-9
+
+
+def test_plan_round_trips_through_json_and_patch(model, report, tmp_path):
+    plan = select(report, 0.3)
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    loaded = load_plan(path)
+    assert loaded == json.loads(json.dumps(plan))
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    with attnkit.patch(model, loaded) as h, torch.no_grad():
+        assert h.plan() == {k: resolve(v).spec() for k, v in plan["layers"].items()}
+        out = model(ids).logits
+    with attnkit.patch(model, plan["layers"]), torch.no_grad():
+        assert torch.equal(model(ids).logits, out)
+
+
+def test_fit_flops_reaches_the_ratio_with_the_smallest_budget(report):
+    plan = fit_flops(report, 2.0)
+    assert plan["flops"]["ratio"] >= 2.0
+    smaller = [e for row in report["table"].values() for e in (r.get("error") for r in row.values())
+               if e and e < plan["max_error"]]
+    assert all(select(report, e)["flops"]["ratio"] < 2.0 for e in smaller)
+    with pytest.raises(ValueError, match="ratio"):
+        fit_flops(report, 1e6)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, "0.1", True])
+def test_max_error_must_be_positive(model, bad):
+    with pytest.raises(ValueError, match="max_error"):
+        attnkit.autotune(model, [torch.zeros(1, 8, dtype=torch.long)], max_error=bad)
+
+
+def test_load_plan_rejects_non_json_and_unknown_methods(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_plan(bad)
+    bad.write_text(json.dumps({"layers": {"0": "no_such_method"}}))
+    with pytest.raises(ValueError, match="unknown attention method"):
+        load_plan(bad)
