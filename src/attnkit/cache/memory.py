@@ -40,7 +40,9 @@ class MemorySnapshot(Snapshot):
     def __init__(self, layer: MemoryLayer, k_new: Tensor, v_new: Tensor):
         self.exact_k = torch.cat([layer.sink_keys, layer.window_keys, k_new], dim=-2)  # (B, H, L, D)
         self.exact_v = torch.cat([layer.sink_values, layer.window_values, v_new], dim=-2)  # (B, H, L, Dv)
-        self.state_t, self.shift = layer.summary.state_t, layer.summary.m  # (B, H, Dv+1, F), (B, H, 1, 1)
+        summary = layer.summary
+        self.state_t = summary.state_t if summary is not None else None  # (B, H, Dv+1, F)
+        self.shift = summary.m if summary is not None else None  # (B, H, 1, 1)
         self.projection, self.scale, self.evicted = layer.projection, layer.scale, layer.evicted
         self.batch, self.heads, self.length, self.head_dim = self.exact_k.shape
         self.value_dim = v_new.shape[-1]
@@ -107,7 +109,8 @@ class MemoryLayer(CacheLayerMixin):
             if self.projection.shape[1] != d:
                 raise ValueError(f"CompressedMemory: the projection is for head dim {self.projection.shape[1]}, got {d}")
             self.projection = self.projection.to(key_states.device)
-        self.summary = KeyState(key_states.new_empty(0, dtype=torch.float32), (b, h), features, dv + 1)
+        if features:
+            self.summary = KeyState(key_states.new_empty(0, dtype=torch.float32), (b, h), features, dv + 1)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -163,7 +166,8 @@ class MemoryLayer(CacheLayerMixin):
         if self.is_initialized:
             for name in ("sink_keys", "sink_values", "window_keys", "window_values"):
                 setattr(self, name, fn(getattr(self, name)))
-            self.summary.state_t, self.summary.m = fn(self.summary.state_t), fn(self.summary.m)
+            if self.summary is not None:
+                self.summary.state_t, self.summary.m = fn(self.summary.state_t), fn(self.summary.m)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
