@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
 from attnkit.core.inputs import Shape, prepare_inputs
-from attnkit.core.registry import resolve, run
+from attnkit.core.registry import run
 from attnkit.ops import hybrid as hyb
 from attnkit.ops import performer as perf
 from attnkit.ops.hybrid import Hybrid, naive_hybrid
@@ -385,22 +385,6 @@ def test_bad_configs_say_what_to_change(kwargs, field):
         Hybrid(**kwargs)
 
 
-def test_spec_strings_and_refusals():
-    m = resolve("hybrid:window=16,features=64,orthogonal=false,redraw=3,seed=2,block=8")
-    assert m == Hybrid(window=16, features=64, orthogonal=False, redraw=3, seed=2, block=8)
-    assert resolve(m.spec()) == m
-    assert not attnkit.methods()["hybrid"].exact
-    q, k, v, mask = make_inputs(Case(mask="bool"))
-    assert torch.equal(attnkit.attention(q, k, v, method="hybrid:window=16,features=64"),
-                       attnkit.attention(q, k, v, method=Hybrid(window=16, features=64)))
-    with pytest.raises(attnkit.MethodNotSupportedError, match="varies along queries"):
-        attnkit.attention(q, k, v, mask, method="hybrid")
-    with pytest.raises(attnkit.MethodNotSupportedError, match="dropout_p"):
-        attnkit.attention(q, k, v, dropout_p=0.1, method="hybrid")
-    with pytest.raises(attnkit.MethodNotSupportedError, match="weights"):
-        run(q, k, v, method="hybrid", need_weights=True)
-
-
 def test_module_forward_backward_and_state_round_trip():
     torch.manual_seed(0)
     spec = "hybrid:window=6,features=16,redraw=2,seed=1"
@@ -429,26 +413,6 @@ def test_state_with_wrong_head_dim_is_refused():
     q = torch.randn(1, 2, 9, 12)
     with pytest.raises(ValueError, match="head_dim=12"):
         run(q, q, q, method=Hybrid(window=4, features=16), state=st)
-
-
-@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_torch_compile_matches_eager(causal):
-    q, k, v, mask = make_inputs(Case(batch=(2,), hq=4, hkv=2, n=33, s=33, d=16, mask="keypad"))
-    m = Hybrid(window=8, features=16, block=8)
-
-    def fn(q, k, v, state=None):
-        return run(q, k, v, mask, is_causal=causal, method=m, state=state)[0]
-
-    # Functional use: the projection is drawn eagerly (Performer's projection_matrix is
-    # compiler-disabled: a torch.Generator cannot be created in a compiled region).
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager")
-    assert max_err(compiled(q, k, v), fn(q, k, v)) <= 1e-6
-    # In a module (eval) the projection is a buffer: one graph, no break.
-    torch._dynamo.reset()
-    state = m.make_state(4, 16).eval()
-    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    assert max_err(compiled(q, k, v, state), fn(q, k, v)) <= 1e-6
 
 
 @settings(max_examples=60, deadline=None)

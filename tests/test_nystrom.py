@@ -11,7 +11,6 @@ import torch
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
 from attnkit.core.inputs import Shape, prepare_inputs
-from attnkit.core.registry import resolve
 from attnkit.ops.lowrank import key_keep
 from attnkit.ops.nystrom import Nystrom, naive_nystrom, newton_schulz_pinv
 
@@ -159,20 +158,6 @@ def test_implied_weights_reproduce_the_output():
 # -- refusals and bad configs ------------------------------------------------------------
 
 
-def test_causal_is_refused_naming_the_methods_that_support_it():
-    q, k, v, _ = make_inputs(Case())
-    causal = sorted(n for n, c in attnkit.methods().items() if c.causal)
-    with pytest.raises(attnkit.MethodNotSupportedError, match="is_causal") as err:
-        attnkit.attention(q, k, v, is_causal=True, method="nystrom")
-    assert "nystrom" not in causal and all(name in str(err.value) for name in causal)
-
-
-def test_masks_that_vary_along_queries_are_refused():
-    q, k, v, mask = make_inputs(Case(mask="float"))
-    with pytest.raises(attnkit.MethodNotSupportedError, match="key-padding"):
-        attnkit.attention(q, k, v, mask, method="nystrom")
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"landmarks": 0}, "landmarks must be an int >= 1"), ({"landmarks": 1.5}, "landmarks"), ({"iters": 0}, "iters")],
@@ -207,41 +192,6 @@ def test_low_precision_with_large_logits_stays_finite(landmarks, dtype):
 
 
 # -- registry, module, determinism, compile, flops -----------------------------------------
-
-
-def test_registry_string_form_and_determinism():
-    q, k, v, _ = make_inputs(Case())
-    cfg = resolve("nystrom:landmarks=16,iters=4")
-    assert cfg == Nystrom(landmarks=16, iters=4) and resolve(cfg.spec()) == cfg
-    out = attnkit.attention(q, k, v, method="nystrom:landmarks=16,iters=4")
-    assert torch.equal(out, attnkit.attention(q, k, v, method=cfg))
-    assert attnkit.methods()["nystrom"].exact is False
-
-
-def test_multihead_attention_forward_and_backward():
-    torch.manual_seed(0)
-    mha = attnkit.MultiheadAttention(16, 2, batch_first=True, method="nystrom:landmarks=4")
-    assert not hasattr(mha, "attn_state")  # no learnable parts
-    x = torch.randn(3, 11, 16)
-    pad = torch.zeros(3, 11, dtype=torch.bool)
-    pad[1, 7:] = True
-    out, w = mha(x, x, x, key_padding_mask=pad, need_weights=False)
-    assert w is None and out.shape == (3, 11, 16) and torch.isfinite(out).all()
-    out.sum().backward()
-    assert torch.isfinite(mha.in_proj_weight.grad).all()
-
-
-@pytest.mark.parametrize("landmarks", [6, 40], ids=lambda m: f"m{m}")
-def test_torch_compile_matches_eager(landmarks):
-    case = Case(batch=(2,), hq=4, hkv=2, n=21, s=30, d=16, mask="keypad")
-    q, k, v, mask = make_inputs(case)
-
-    def fn(q, k, v):
-        return attnkit.attention(q, k, v, mask, method=Nystrom(landmarks=landmarks))
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend="aot_eager")
-    assert max_err(compiled(q, k, v), fn(q, k, v)) <= 1e-6
 
 
 def test_flops_formula():

@@ -195,7 +195,7 @@ def selection_mask(layout: BlockLayout, sel: Selection) -> Tensor:
 
     Materialises N x S: the naive path and implied weights only.
     """
-    nqb, nkb, bk = layout.nqb, layout.nkb, layout.bk
+    nkb, bk = layout.nkb, layout.bk
     dev = sel.extra.device
     c = torch.arange(nkb, device=dev)
     lo = torch.tensor(layout.los(), device=dev)[:, None]

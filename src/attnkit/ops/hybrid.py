@@ -46,7 +46,6 @@ from ..core.registry import register
 from .local import BandStats, Local, LocalPattern, choose_block, local_band_stats, local_mask
 from .performer import (
     KeyState,
-    Performer,
     PerformerState,
     _with_ones,
     block_rows,

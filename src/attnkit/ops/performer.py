@@ -345,7 +345,7 @@ def _favor_causal(
     all) and one (F, Dv+1) state per chunk (N·F·(Dv+1)/C): O(N·(F + C) + N·F·Dv/C) per
     head, i.e. O(N·F) for C ~ Dv.  Never an N×F×D cumulative tensor.
     """
-    n, s, f, dv = q.shape[-2], min(q.shape[-2], k.shape[-2]), w.shape[0], v.shape[-1]
+    s, f, dv = min(q.shape[-2], k.shape[-2]), w.shape[0], v.shape[-1]
     k, v = k[..., :s, :], v[..., :s, :]
     keep = keep[..., :s, :] if keep is not None and keep.shape[-2] > 1 else keep
     lead_k = torch.broadcast_shapes(k.shape[:-2], keep.shape[:-2]) if keep is not None else k.shape[:-2]
