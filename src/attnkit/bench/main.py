@@ -33,7 +33,7 @@ STRESS_NS = (4096, 16384)
 # (quick, default, full)
 PROFILES = {
     "time_budget_s": (1.0, 2.0, 60.0),
-    "run_budget_s": (50.0, 540.0, None),
+    "run_budget_s": (40.0, 480.0, None),
     "repeats": (2, 3, 5),
     "min_run_time": (0.05, 0.2, 0.5),
     "accuracy_max_n": (512, 4096, 4096),
@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("budgets (cases over them are skipped and listed with the projection)")
     g.add_argument("--time-budget-s", type=float, help="per call, projected from smaller N (default 2; --full 60)")
     g.add_argument("--mem-budget-gib", type=float, help="projected peak extra memory (default: a quarter of the RAM)")
-    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 540; --quick 50; --full none; "
+    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 480; --quick 40; --full none; "
                    "0 = none)")
     g = p.add_argument_group("what to measure")
     g.add_argument("--accuracy-max-n", type=int, help="largest N for errors against float64 (default 4096)")
