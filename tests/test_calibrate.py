@@ -93,6 +93,8 @@ def test_fitted_state_round_trips_through_state_dict():
     with torch.no_grad():
         want = model(ids(seed=2)).last_hidden_state
     cal.handle.remove()
+    with pytest.raises(ValueError, match="before handle.remove"):
+        cal.state_dict()
     assert set(tensors) == {"0.e", "0.f", "1.e", "1.f"}
     with attnkit.patch(model, spec) as h, torch.no_grad():
         fresh = model(ids(seed=2)).last_hidden_state

@@ -184,7 +184,13 @@ class Calibration:
     skipped: dict[int, str]
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The fitted tensors as ``{"<layer>.<name>": tensor}`` (for ``safetensors.torch.save_file``)."""
+        """The fitted tensors as ``{"<layer>.<name>": tensor}`` (for ``safetensors.torch.save_file``).
+
+        Raises:
+            ValueError: the handle was removed already (call this first).
+        """
+        if self.handle.removed:
+            raise ValueError("Calibration.state_dict(): the patch was removed; take the state_dict before handle.remove()")
         out = {}
         for layer, module in self.handle.modules():
             for name, t in trainable_state(getattr(module, "attn_state", None)).items():

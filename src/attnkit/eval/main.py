@@ -80,10 +80,13 @@ def _calibrated(model, tokenizer, args, methods: dict) -> dict:
         def build(method=method):
             batches = _calibration_batches(tokenizer, args.data, args.calibrate_context, args.calibrate_batches)
             cal = calibrate(model, batches, method, budget=_budget(args.calibrate))
+            tensors = cal.state_dict()  # before remove(): the handle lists the patched modules
             cal.handle.remove()
             print(f"calibrated {label}: error {_mean(cal.before):.4f} -> {_mean(cal.after):.4f} "
                   f"({cal.seconds:.0f} s)", file=sys.stderr)
-            return cal.state_dict()
+            if not tensors:
+                raise ValueError(f"--calibrate: {label} has no fitted state")
+            return tensors
 
         name = f"calibration-{args.model}-{text_digest(json.dumps(key, sort_keys=True))[:12]}"
         tensors, hit = cached_tensors(name, key, build)
