@@ -33,7 +33,8 @@ import time
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
 from attnkit.bench.cases import Preset, structured_qkv
-from attnkit.bench.exact import MODES, B, D, H, fmt_bytes, fmt_ratio, fmt_time, header_markdown, lookup, ratio
+from attnkit.bench.exact import MODES, B, D, H, header_markdown, lookup, ratio
+from attnkit.bench.report import fmt_bytes, fmt_ratio, fmt_time
 from attnkit.bench.machine import machine_info
 from attnkit.bench.runner import Config, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent

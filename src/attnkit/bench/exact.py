@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench import attention_flops, forward_backward_closure, forward_closure, measure_peak, time_callable
+from attnkit.bench import attention_flops, forward_backward_closure, forward_closure, measure_peak
 from attnkit.bench.machine import machine_info
-from attnkit.bench.timing import Timing, pool, wait_for_quiet
+from attnkit.bench.report import fmt_bytes, fmt_ratio, fmt_time
+from attnkit.bench.timing import LOADED, Timing, pool, timed_quietly
 from attnkit.core.inputs import prepare_inputs
 
 B, H, D = 1, 8, 64
@@ -54,7 +55,6 @@ BLOCK_CHOICES = (  # (block_q, block_k) at N=4096; the default rule's pick is ad
     (256, 128), (256, 256), (256, 1024), (256, 2048),
     (128, 128), (1024, 1024), (2048, 2048),
 )
-LOADED = 0.1  # other processes' share of the CPU above which a timing is marked †
 GOALS = {"mem_pct": 5.0, "growth": 2.2, "tiled_sdpa": 2.0, "auto_sdpa": 0.05}
 
 
@@ -104,48 +104,6 @@ def projected_bytes(method: str, n: int, mode: str) -> int:
     return 16 * nd + 3 * 4 * 2**20
 
 
-def fmt_bytes(b) -> str:
-    if b is None:
-        return "-"
-    return f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
-
-
-def fmt_time(t: dict | None) -> str:
-    if not t:
-        return "-"
-    med, iqr = t["median"], t["iqr"]
-    unit, f = ("s", 1.0) if med >= 1 else ("ms", 1e3)
-    loaded = " †" if (t.get("other_load") or 0) > LOADED else ""
-    spread = f"{iqr * f:.0f}" if iqr * f >= 10 else f"{iqr * f:.2g}"
-    return f"{med * f:.3g} ± {spread} {unit}{loaded}"
-
-
-def fmt_ratio(x, pct=False) -> str:
-    if x is None:
-        return "-"
-    return f"{100 * x:.2f}%" if pct else f"{x:.2f}x"
-
-
-def timed(fn, args) -> dict:
-    """Time ``fn`` when the machine is quiet, as far as waiting a bounded time allows.
-
-    Waits up to ``--quiet-wait`` s for other processes to calm down, times, and, when
-    they used more than ``LOADED`` of the CPU meanwhile, waits and times again (up to
-    ``--retries`` times), keeping the least disturbed attempt; every attempt's median
-    and load stay in the result.
-    """
-    attempts = []
-    for _ in range(1 + args.retries):
-        if args.quiet_wait > 0:
-            wait_for_quiet(args.quiet_load, args.quiet_wait, interval=0.5)
-        t = time_callable(fn, warmup=args.warmup, repeats=args.repeats, min_run_time=args.min_run_time).as_dict()
-        attempts.append(t)
-        if t["other_load"] is None or t["other_load"] <= LOADED:
-            break
-    best = min(attempts, key=lambda t: t["other_load"] or 0.0)
-    return {**best, "attempts": [{"median": t["median"], "other_load": t["other_load"]} for t in attempts]}
-
-
 def run_case(method: str, n: int, mode: str, args) -> dict:
     row = {"method": method, "n": n, "mode": mode, "projected_bytes": projected_bytes(method, n, mode),
            "flops": attention_flops(B, H, n, n, D, mode=mode), "status": "ok"}
@@ -157,7 +115,7 @@ def run_case(method: str, n: int, mode: str, args) -> dict:
     try:
         if not args.no_timing:
             fn = make_case(method, n, mode)
-            row["time"] = timed(fn, args)
+            row["time"] = timed_quietly(fn, args)
             del fn
     except Exception as e:  # one failing case must not stop the sweep; it is reported
         row["status"], row["reason"] = "error", f"timing: {type(e).__name__}: {e}"
@@ -328,7 +286,7 @@ def blocks(args) -> dict:
     for rnd in range(args.rounds):
         for spec in specs if rnd % 2 == 0 else specs[::-1]:
             for mode in MODES:
-                t = timed(make_case(spec, n, mode), args)
+                t = timed_quietly(make_case(spec, n, mode), args)
                 del t["attempts"]
                 measured.setdefault((spec, mode), []).append(Timing(**t))
                 gc.collect()

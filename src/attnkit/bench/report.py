@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+from .timing import LOADED
+
 __all__ = ["SUMMARY_NS", "compare", "render_markdown", "seed_summary", "find"]
 
 SUMMARY_NS = (2048, 4096, 16384)
-LOADED = 0.1
 
 
 def find(report: dict, label: str, n: int, dtype: str, mode: str) -> dict | None:
@@ -37,7 +38,14 @@ def fmt_time(t: dict | None) -> str:
     med, iqr = t["median"], t["iqr"]
     unit, f = ("s", 1.0) if med >= 1 else ("ms", 1e3)
     loaded = " †" if (t.get("other_load") or 0) > LOADED else ""
-    return f"{med * f:.3g} ± {iqr * f:.2g} {unit}{loaded}"
+    spread = f"{iqr * f:.0f}" if iqr * f >= 10 else f"{iqr * f:.2g}"
+    return f"{med * f:.3g} ± {spread} {unit}{loaded}"
+
+
+def fmt_ratio(x, pct=False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.2f}%" if pct else f"{x:.2f}x"
 
 
 def fmt_bytes(b) -> str:

@@ -23,7 +23,6 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -41,11 +40,10 @@ from .cases import (
 from .flops import counted_flops
 from .memory import forkserver_context, measure_peak
 from .scaling import fit_exponent, project
-from .timing import time_callable, wait_for_quiet
+from .timing import timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
 
-LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked
 
 
 @dataclass
@@ -139,21 +137,6 @@ class _Progress:
 # -- one case ---------------------------------------------------------------------------
 
 
-def _timed(fn, cfg: Config) -> dict:
-    """Time ``fn``; re-time up to ``cfg.retries`` times when other processes used more than
-    ``LOADED`` of the CPU, keeping the least disturbed attempt (all attempts recorded)."""
-    attempts = []
-    for _ in range(1 + cfg.retries):
-        if cfg.quiet_wait > 0:
-            wait_for_quiet(cfg.quiet_load, cfg.quiet_wait, interval=0.5)
-        t = time_callable(fn, warmup=cfg.warmup, repeats=cfg.repeats, min_run_time=cfg.min_run_time).as_dict()
-        attempts.append(t)
-        if t["other_load"] is None or t["other_load"] <= LOADED:
-            break
-    best = min(attempts, key=lambda t: t["other_load"] or 0.0)
-    return {**best, "attempts": [{"median": t["median"], "other_load": t["other_load"]} for t in attempts]}
-
-
 def _fmt_s(x: float) -> str:
     return f"{x:.3g} s" if x >= 1 else f"{x * 1e3:.3g} ms"
 
@@ -229,7 +212,7 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     if case.n <= cfg.flop_check_max_n and not case.compiled:
         row["flops_counted"] = counted_flops(fn)
     if cfg.timing:
-        row["time"] = _timed(fn, cfg)
+        row["time"] = timed_quietly(fn, cfg)
         row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
     del fn
     gc.collect()

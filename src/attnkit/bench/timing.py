@@ -205,3 +205,27 @@ def forward_backward_closure(
             t.grad = None
 
     return run
+
+
+LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked †
+
+
+def timed_quietly(fn: Callable[[], object], opts) -> dict:
+    """Time ``fn`` when the machine is quiet, as far as waiting a bounded time allows.
+
+    ``opts`` has ``quiet_wait``, ``quiet_load``, ``retries``, ``warmup``, ``repeats`` and
+    ``min_run_time`` (the command line's namespace or the runner's config).  Waits up to
+    ``quiet_wait`` s for other processes to calm down, times, and, when they used more
+    than ``LOADED`` of the CPU meanwhile, waits and times again (up to ``retries`` times),
+    keeping the least disturbed attempt; every attempt's median and load stay in the result.
+    """
+    attempts = []
+    for _ in range(1 + opts.retries):
+        if opts.quiet_wait > 0:
+            wait_for_quiet(opts.quiet_load, opts.quiet_wait, interval=0.5)
+        t = time_callable(fn, warmup=opts.warmup, repeats=opts.repeats, min_run_time=opts.min_run_time).as_dict()
+        attempts.append(t)
+        if t["other_load"] is None or t["other_load"] <= LOADED:
+            break
+    best = min(attempts, key=lambda t: t["other_load"] or 0.0)
+    return {**best, "attempts": [{"median": t["median"], "other_load": t["other_load"]} for t in attempts]}
