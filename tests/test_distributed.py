@@ -51,7 +51,8 @@ def _serve(rank: int, world: int, path: str, tasks, results) -> None:
             results.put((rank, "ok", fn(rank, world, *args)))
         except Exception as e:  # reported to the test, which checks it
             results.put((rank, "error", type(e).__name__, str(e)))
-    dist.destroy_process_group()
+    # Every answer has been read by the parent; skip the teardown of gloo and torch (seconds).
+    os._exit(0)
 
 
 class Pool:

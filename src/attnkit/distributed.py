@@ -251,7 +251,7 @@ def _agree(ring: _Ring, fn: str, names: tuple[str, ...], tensors: tuple, flags: 
         for j, key in enumerate(flags):
             a, b = first[base + j], body[base + j]
             if not (a == b or (math.isnan(a) and math.isnan(b))):
-                show = lambda x: "None" if math.isnan(x) else repr(x)  # noqa: E731
+                show = lambda x: "None" if math.isnan(x) else repr(x)
                 raise AttentionInputError(
                     f"{fn}: {key} differs across ranks: rank 0 {show(a)}, rank {r} {show(b)}; every rank "
                     f"must make the same call."
@@ -390,8 +390,7 @@ def _ring_backward(q, k, v, out, lse, dout, call: _Call) -> tuple[Tensor, Tensor
             incoming = buffers.next()
             kv_works = _exchange(ring, kv, incoming, stats)
         t0 = time.perf_counter()
-        dk = torch.zeros(kv[0].shape, dtype=acc, device=q.device).unsqueeze(-3)  # (*b, Hkv, 1, C, D)
-        dv = torch.zeros(kv[1].shape, dtype=acc, device=q.device).unsqueeze(-3)
+        dk = dv = None  # this step's share of dk, dv of the chunk held (*b, Hkv, 1, C, D), fp32
         for rows, cols, causal in call.blocks((ring.rank - step) % ring.size, n):
             k_c = kv[0][..., cols, :].unsqueeze(-3).to(acc)
             v_c = kv[1][..., cols, :].unsqueeze(-3).to(acc)
@@ -400,8 +399,17 @@ def _ring_backward(q, k, v, out, lse, dout, call: _Call) -> tuple[Tensor, Tensor
                 call.tile(qs, k_c.shape[-2], causal),
             )
             dq[..., rows, :] += dq_b
+            if dk is None and k_c.shape[-2] == n:  # the block's own result serves: no extra buffer
+                dk, dv = dk_b, dv_b
+                continue
+            if dk is None:
+                dk = torch.zeros((*k_c.shape[:-2], n, k_c.shape[-1]), dtype=acc, device=q.device)
+                dv = torch.zeros((*v_c.shape[:-2], n, v_c.shape[-1]), dtype=acc, device=q.device)
             dk[..., cols, :] += dk_b
             dv[..., cols, :] += dv_b
+        if dk is None:  # contiguous causal: a later chunk, wholly in the future
+            dk = torch.zeros(kv[0].shape, dtype=acc, device=q.device).unsqueeze(-3)
+            dv = torch.zeros(kv[1].shape, dtype=acc, device=q.device).unsqueeze(-3)
         if stats is not None:
             stats.compute_s += time.perf_counter() - t0
             stats.steps += 1
@@ -410,7 +418,9 @@ def _ring_backward(q, k, v, out, lse, dout, call: _Call) -> tuple[Tensor, Tensor
             dk += dkv_recv[0]
             dv += dkv_recv[1]
         if ring.size > 1:  # pass them on; after the last step they reach their owner
-            dkv_sent, dkv_recv = (dk, dv), (torch.empty_like(dk), torch.empty_like(dv))
+            free = dkv_sent  # its send is complete (waited above): receive into it
+            dkv_sent = (dk.contiguous(), dv.contiguous())
+            dkv_recv = free if free is not None else tuple(torch.empty_like(t) for t in dkv_sent)
             dkv_works = _exchange(ring, dkv_sent, dkv_recv, stats)
         else:
             dkv_recv = (dk, dv)
