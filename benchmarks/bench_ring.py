@@ -21,7 +21,7 @@ adaptive counts: adaptive counts could differ across ranks, and a collective pro
 must run the same calls on every rank.  Each measurement runs in fresh processes
 (spawned), the baseline never concurrently with the ring.
 
-Run (about 10 minutes at the defaults on 2 cores; results to benchmarks/results)::
+Run (roughly 20-30 minutes at the defaults on 2 quiet cores; `--reps 1` or `--causal yes` for less)::
 
     python benchmarks/bench_ring.py --out benchmarks/results/ring_cpu
     python benchmarks/bench_ring.py --seq 2048 --reps 1 --out /tmp/ring_small   # a quick check
