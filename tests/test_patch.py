@@ -204,3 +204,11 @@ def test_errors_name_the_argument():
     with attnkit.patch(model, "tiled"):
         with pytest.raises(ValueError, match="already patched"):
             attnkit.patch(model, "math")
+
+
+def test_context_parallel_needs_an_exact_method():
+    model = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=8, batch_first=True)
+    for method in ("local:window=4", {0: "auto"}):
+        with pytest.raises(ValueError, match="argument 'method': context_parallel runs exact ring attention"):
+            attnkit.patch(model, method, context_parallel="world")
+    assert not isinstance(model.self_attn, attnkit.MultiheadAttention)  # nothing left behind

@@ -29,6 +29,7 @@ from .nn import MultiheadAttention
 from .patch import PatchHandle, patch
 from .calibrate import Calibration, calibrate
 from .autotune import autotune
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "attention",
     "autotune",
     "calibrate",
+    "distributed",
     "explain",
     "methods",
     "patch",

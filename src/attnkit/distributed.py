@@ -698,4 +698,6 @@ def context_parallel(model: torch.nn.Module, group: dist.ProcessGroup | None = N
     """
     from .patch import patch  # patch imports the modules; keep this module light to import
 
+    if layout == "zigzag":
+        return patch(model, "auto", layers=layers, context_parallel="world" if group is None else group)
     return patch(model, RingAttention(group=group, layout=layout), layers=layers)

@@ -127,6 +127,7 @@ def patch(
     *,
     layers: Iterable[int] | None = None,
     checkpoint: bool = False,
+    context_parallel: object = None,
 ) -> PatchHandle:
     """Make a model's attention run through attnkit, in place, keeping its weights.
 
@@ -148,6 +149,12 @@ def patch(
         checkpoint: wrap each patched attention in ``torch.utils.checkpoint``
             (``use_reentrant=False``): its intermediates are recomputed in backward
             instead of kept, for training memory.  Gradients are unchanged.
+        context_parallel: a ``torch.distributed`` process group (or ``"world"`` for the
+            default group): run the patched layers as exact ring attention over it
+            (:func:`attnkit.distributed.ring_attention`, zig-zag layout), each rank
+            holding its :func:`attnkit.distributed.shard` of the sequence.  ``method``
+            must then be an exact method (``"auto"``); see
+            :func:`attnkit.distributed.context_parallel` for the contiguous layout.
 
     Returns:
         A :class:`PatchHandle`; ``handle.remove()`` (or leaving ``with patch(...)``)
@@ -178,6 +185,15 @@ def patch(
         with attnkit.patch(model, {0: "auto", 1: "performer:features=128"}) as h:
             json.dump(h.plan(), f)
     """
+    if context_parallel is not None:
+        from .distributed import RingAttention
+
+        if isinstance(method, Mapping) or not resolve(method).capabilities.exact:
+            raise ValueError(
+                f"argument 'method': context_parallel runs exact ring attention; pass an exact method such as "
+                f"'auto' (got {method!r})"
+            )
+        method = RingAttention(group=None if context_parallel == "world" else context_parallel)
     one, plan = read_plan(method)
     wanted = None if layers is None else _read_layers(layers)
     if getattr(model, "_attnkit_patch", None) is not None:
