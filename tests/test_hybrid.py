@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import attnkit
 from attnkit.bench.accuracy import approximation_errors
+from attnkit.bench.cases import local_global_qkv
 from attnkit.core.inputs import Shape, prepare_inputs
 from attnkit.core.registry import run
 from attnkit.ops import hybrid as hyb
@@ -26,32 +27,6 @@ from .helpers import GRAD_REL_TOL, REL_TOL, Case, make_inputs, max_err
 F_TEST = 32  # features in the tests that check the formula, not the approximation
 
 
-def local_global_inputs(n: int, d: int = 64, heads: int = 2, beta: float = 5.0, seed: int = 0):
-    """q, k, v (1, H, N, D) with local structure and long-range mass.
-
-    Each position holds ``z_t = (x_t + 0.6·T_{c(t)}) / √1.36``: ``x`` an AR(1) process over
-    positions (ρ = 0.98, unit variance: neighbours within ~50 tokens look alike) and ``T``
-    one of 8 random "topics", constant over segments of 64 tokens and recurring anywhere
-    in the sequence.  Per head, q and k are a random rotation of z plus 30% independent
-    noise, scaled so that a token scores ``beta`` against itself (|q·k|·scale up to ~5
-    for beta=5: peaked, as trained attention often is).  v is a random projection of z
-    plus noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    rho, gamma, topics, seg = 0.98, 0.6, 8, 64
-    e = torch.randn(n, d, generator=g)
-    x = torch.empty(n, d)
-    x[0] = e[0]
-    for t in range(1, n):
-        x[t] = rho * x[t - 1] + math.sqrt(1 - rho**2) * e[t]
-    ids = torch.randint(0, topics, (n // seg + 1,), generator=g).repeat_interleave(seg)[:n]
-    z = (x + gamma * torch.randn(topics, d, generator=g)[ids]) / math.sqrt(1 + gamma**2)  # (N, D)
-    zh = z @ torch.linalg.qr(torch.randn(heads, d, d, generator=g))[0]  # (H, N, D)
-    c = math.sqrt(beta / math.sqrt(d))
-    q = c * (zh + 0.3 * torch.randn(heads, n, d, generator=g))
-    k = c * (zh + 0.3 * torch.randn(heads, n, d, generator=g))
-    v = zh @ (torch.randn(heads, d, d, generator=g) / math.sqrt(d)) + 0.5 * torch.randn(heads, n, d, generator=g)
-    return q[None], k[None], v[None]
 
 
 def _naive(m: Hybrid, q, k, v, mask, causal):
@@ -190,7 +165,7 @@ def test_error_against_exact_falls_as_window_and_features_grow(causal, beta):
     windows, feats = (16, 64, 256), (16, 128, 1024)
     by_w, by_f = torch.zeros(len(windows), 2), torch.zeros(len(feats), 2)
     for seed in range(3):
-        q, k, v = local_global_inputs(512, beta=beta, seed=seed)
+        q, k, v = local_global_qkv(512, beta=beta, seed=seed)
         for i, w in enumerate(windows):
             e = approximation_errors(Hybrid(window=w, features=64, seed=seed), q, k, v, is_causal=causal)
             by_w[i] += torch.tensor([e["out_rel_fro"], e["prob_mse"]]) / 3
@@ -215,7 +190,7 @@ def _rel_fro(out, ref):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_beats_local_and_performer_at_equal_flops(causal):
-    """The issue's comparison.  Inputs: :func:`local_global_inputs` (local AR(1) structure
+    """The issue's comparison.  Inputs: :func:`local_global_qkv` (local AR(1) structure
     plus recurring topics, peaked: beta=5), N = S = 4096, H = 2, D = 64, seeds 0 and 1.
     Budget: Hybrid(window=128, features=128)'s own ``flops()``; Local gets the largest
     window, Performer the most features whose ``flops()`` stay within it (Local W=649,
@@ -243,7 +218,7 @@ def test_beats_local_and_performer_at_equal_flops(causal):
     assert (window, feats) == ((513, 201) if causal else (649, 348))
     assert Local(window=window + 1).flops(shape) > budget and Performer(features=feats + 1).flops(shape) > budget
     for seed in (0, 1):
-        q, k, v = local_global_inputs(n, seed=seed)
+        q, k, v = local_global_qkv(n, seed=seed)
         ref = attnkit.reference_attention(q, k, v, is_causal=causal)
         errs = {}
         for name, m in (("hybrid", Hybrid(**hybrid_cfg, seed=seed)), ("local", Local(window=window)),

@@ -31,7 +31,7 @@ from .timing import forward_backward_closure, forward_closure
 
 __all__ = [
     "BASELINES", "DTYPES", "PRESETS", "Preset", "Case", "attention_callable", "baseline_unavailable",
-    "case_flops", "default_dtypes", "make_call", "make_qkv", "parse_preset", "structured_qkv",
+    "case_flops", "default_dtypes", "local_global_qkv", "make_call", "make_qkv", "parse_preset", "structured_qkv",
     "unsupported_reason",
 ]
 
@@ -229,6 +229,36 @@ def structured_qkv(n: int, d: int = 64, heads: int = 4, *, kv_heads: int | None 
     wk, wv = (torch.randn(kv_heads, d, d, generator=g) / math.sqrt(d) for _ in range(2))
     x = x[:, None]  # (B, 1, N, D)
     return x @ wq * peak, x @ wk, x @ wv  # (B, H, N, D)
+
+
+def local_global_qkv(n: int, d: int = 64, heads: int = 2, beta: float = 5.0, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (1, H, N, D) fp32 with local structure and long-range mass, at the moderate
+    norms where random features work (unlike :func:`structured_qkv`, whose |q'|, |k'|
+    ~ 6 make FAVOR+'s estimate collapse).
+
+    Each position holds ``z_t = (x_t + 0.6·T_{c(t)}) / √1.36``: ``x`` an AR(1) process over
+    positions (ρ = 0.98, unit variance: neighbours within ~50 tokens look alike) and ``T``
+    one of 8 random "topics", constant over segments of 64 tokens and recurring anywhere
+    in the sequence.  Per head, q and k are a random rotation of z plus 30% independent
+    noise, scaled so that a token scores ``beta`` against itself (|q·k|·scale up to ~5
+    for beta=5: peaked, as trained attention often is).  v is a random projection of z
+    plus noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rho, gamma, topics, seg = 0.98, 0.6, 8, 64
+    e = torch.randn(n, d, generator=g)
+    x = torch.empty(n, d)
+    x[0] = e[0]
+    for t in range(1, n):
+        x[t] = rho * x[t - 1] + math.sqrt(1 - rho**2) * e[t]
+    ids = torch.randint(0, topics, (n // seg + 1,), generator=g).repeat_interleave(seg)[:n]
+    z = (x + gamma * torch.randn(topics, d, generator=g)[ids]) / math.sqrt(1 + gamma**2)  # (N, D)
+    zh = z @ torch.linalg.qr(torch.randn(heads, d, d, generator=g))[0]  # (H, N, D)
+    c = math.sqrt(beta / math.sqrt(d))
+    q = c * (zh + 0.3 * torch.randn(heads, n, d, generator=g))
+    k = c * (zh + 0.3 * torch.randn(heads, n, d, generator=g))
+    v = zh @ (torch.randn(heads, d, d, generator=g) / math.sqrt(d)) + 0.5 * torch.randn(heads, n, d, generator=g)
+    return q[None], k[None], v[None]
 
 
 def make_qkv(preset: Preset, n: int, dtype: str, device: str = "cpu", *, seed: int = 0, structured: bool = False):
