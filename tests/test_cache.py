@@ -116,6 +116,20 @@ def test_cache_attention_equals_attention_over_dequantized(bits, scale, dv):
     assert layer.key_codes.shape[2] == (86 - 3) // 16 and layer.value_codes.shape[2] == 86 - 3
 
 
+def test_search_clips_values_only():
+    k, v = _kv(b=1, s=64, d=32, offset=2.0)  # value groups of 16 channels, none padded
+    v[..., 5] += 9.0 * (torch.arange(64) % 13 == 0)  # value outliers
+    layers = {mode: QuantizedLayer(2, 16, 0, mode, 64, False) for mode in ("minmax", "search")}
+    for layer in layers.values():
+        layer.update(k, v)
+    kv = {m: lay.update(k[:, :, :1], v[:, :, :1]) for m, lay in layers.items()}
+    keys = {m: pair[0].materialize()[:, :, :64] for m, pair in kv.items()}
+    vals = {m: pair[1].materialize()[:, :, :64] for m, pair in kv.items()}
+    assert torch.equal(keys["search"], keys["minmax"])  # keys: min-max under both (outlier-aware rule)
+    err = {m: (vals[m] - v).unflatten(-1, (2, 16)).pow(2).sum(-1) for m in vals}  # per value group
+    assert (err["search"] <= err["minmax"] + 1e-6).all() and err["search"].sum() < err["minmax"].sum()
+
+
 def test_residual_only_regime_is_exact():
     layer = QuantizedLayer(2, 64, 200, "minmax", 64, False)  # nothing leaves full precision
     k, v = _kv(s=50)

@@ -196,7 +196,8 @@ class QuantizedLayer(CacheLayerMixin):
         if nk > 0:
             b, h, _, d = self.key_residual.shape
             k = self.key_residual[:, :, :nk].float().reshape(b, h, -1, self.group_size, d)  # (B, H, nG', G, D)
-            codes, s, low = quantize(k.transpose(-1, -2), self.bits, self.scale)  # (B, H, nG', D, G)
+            # Keys are always min-max: see QuantizedCache's ``scale`` for why the search skips them.
+            codes, s, low = quantize(k.transpose(-1, -2), self.bits, "minmax")  # (B, H, nG', D, G)
             self.key_codes = torch.cat([self.key_codes, pack(codes, self.bits)], dim=2)
             self.key_scale = torch.cat([self.key_scale, s], dim=2)
             self.key_low = torch.cat([self.key_low, low], dim=2)
@@ -267,8 +268,12 @@ class QuantizedCache(Cache):
         bits: 4, 2 or 8 bits per code.
         group_size: G, tokens per key group and (at most) channels per value group.
         residual: R >= 0, the newest tokens kept in full precision.
-        scale: ``"minmax"`` or ``"search"`` (adaptive: per group, the clipped range with the
-            least squared error; see :func:`attnkit.cache.quant.quantize`).
+        scale: ``"minmax"`` or ``"search"`` (adaptive: per value group, the clipped range with
+            the least squared error; see :func:`attnkit.cache.quant.quantize`).  Keys stay
+            min-max under ``"search"`` (the outlier-aware rule): a key channel's extreme
+            tokens are the ones that carry large scores, and clipping them by squared error
+            wrecks attention -- measured on SmolLM2 at 2-bit, 512 tokens: perplexity +42%
+            with searched keys against +5.9% min-max, while searched values give +5.6%.
         block: cached tokens dequantized per step of the attention (rounded to whole groups).
         materialize: return plain dequantized tensors from ``update()``.
 
