@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import attnkit  # noqa: E402
-from attnkit.cache import (  # noqa: E402
+import attnkit
+from attnkit.cache import (
     CacheView,
     CacheViewError,
     CompressedMemory,
@@ -26,9 +26,9 @@ from attnkit.cache import (  # noqa: E402
     quantize,
     unpack,
 )
-from attnkit.cache.memory import MemoryLayer  # noqa: E402
-from attnkit.cache.quantized import QuantizedLayer  # noqa: E402
-from attnkit.ops.performer import positive_features, projection_matrix  # noqa: E402
+from attnkit.cache.memory import MemoryLayer
+from attnkit.cache.quantized import QuantizedLayer
+from attnkit.ops.performer import positive_features, projection_matrix
 
 
 def _kv(b=2, h=2, s=77, d=40, dv=None, seed=0, offset=0.0):

@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .quant import BITS, SCALES, dequantize, pack, quantize, unpack
+from .quant import BITS, SCALES, dequantize, pack, quantize, unpack, unpack_slots
 from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
 __all__ = ["QuantizedCache", "QuantizedLayer", "QuantizedSnapshot"]
@@ -67,10 +67,12 @@ class QuantizedSnapshot(Snapshot):
         """Scaled scores of qs (B, H, M, D) against key groups [g0, g1): (B, H, M, (g1−g0)·G).
 
         Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group: the codes are used as
-        they unpack, (D, G) per group, with no dequantization pass and no transpose."""
-        codes = unpack(self.kc[:, :, g0:g1], self.bits, self.group, torch.float32)  # (B, H, nb, D, G)
+        they unpack, (D, G) per group, with no dequantization pass and no transpose; one
+        product per packing slot (slot i holds a contiguous run of each group's tokens)."""
         s, low = self.ks[:, :, g0:g1].float(), self.kl[:, :, g0:g1].float()  # (B, H, nb, D)
-        scores = torch.matmul(qs[:, :, None] * s[:, :, :, None, :], codes)  # (B, H, nb, M, G)
+        qsg = qs[:, :, None] * s[:, :, :, None, :]  # (B, H, nb, M, D)
+        parts = [torch.matmul(qsg, c) for c in unpack_slots(self.kc[:, :, g0:g1], self.bits)]  # (B, H, nb, M, G/k)
+        scores = torch.cat(parts, dim=-1)[..., : self.group] if len(parts) > 1 else parts[0][..., : self.group]
         scores += torch.matmul(low, qs.transpose(-1, -2))[..., None]  # + q·low: (B, H, nb, M, 1)
         b, h, nb, m, g = scores.shape
         return scores.transpose(2, 3).reshape(b, h, m, nb * g)  # (B, H, M, L)
@@ -78,13 +80,16 @@ class QuantizedSnapshot(Snapshot):
     def _value_product(self, p: Tensor, t0: int, t1: int) -> Tensor:
         """p (B, H, M, L) times value rows [t0, t1): (B, H, M, Dv).
 
-        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group."""
-        codes = unpack(self.vc[:, :, t0:t1], self.bits, self.vgroup, torch.float32)  # (B, H, L, ng, Gv)
+        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group, slot by slot."""
         s, low = self.vs[:, :, t0:t1].float(), self.vl[:, :, t0:t1].float()  # (B, H, L, ng)
-        if codes.shape[3] == 1:  # one group per token (Gv = Dv): plain matmuls
-            out = torch.matmul(p * s[..., 0][:, :, None], codes[:, :, :, 0]) + torch.matmul(p, low)
+        slots = unpack_slots(self.vc[:, :, t0:t1], self.bits)  # k × (B, H, L, ng, Gv/k)
+        if s.shape[-1] == 1:  # one group per token (Gv = Dv): plain matmuls
+            ps = p * s[..., 0][:, :, None]  # (B, H, M, L)
+            out = torch.cat([torch.matmul(ps, c[:, :, :, 0]) for c in slots], dim=-1)[..., : self.vgroup]
+            out = out + torch.matmul(p, low)  # (B, H, M, Gv)
         else:
-            out = torch.einsum("bhmlg,bhlgc->bhmgc", p[..., None] * s[:, :, None], codes)
+            ps = p[..., None] * s[:, :, None]  # (B, H, M, L, ng)
+            out = torch.cat([torch.einsum("bhmlg,bhlgc->bhmgc", ps, c) for c in slots], dim=-1)[..., : self.vgroup]
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
         return out[..., : self.value_dim]
 
