@@ -206,9 +206,12 @@ def main(argv=None) -> None:
     p.add_argument("--speed-steps", type=int, default=32)
     p.add_argument("--memory", default="sinks=4,window=512,features=64")
     p.add_argument("--memory-sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--note", default="")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     mem_args = {k: int(v) for k, v in (kv.split("=") for kv in args.memory.split(","))}
@@ -260,7 +263,8 @@ def main(argv=None) -> None:
     res["speed_note"] = (
         "Each figure is the best of its runs (full ran three times, interleaved). The quantized caches decode by "
         "unpacking and multiplying each block of codes in PyTorch eager ops (unpack, fp32 conversion, one small batched "
-        "matmul per group), about 10 kernel launches per 1024-token block per layer; the fp32 cache reads its keys "
+        "matmul per packing slot), about 15 small kernels per block of 1024 cached tokens per layer, plus the "
+        "update's quantization of the newest token; the fp32 cache reads its keys "
         "once with one SDPA call but copies the whole cache (torch.cat) at every step.")
     res["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
