@@ -1,4 +1,4 @@
-"""The ``attnkit`` command line: ``attnkit methods``, ``attnkit bench``."""
+"""The ``attnkit`` command line: ``attnkit methods``, ``attnkit bench``, ``attnkit eval``."""
 
 from __future__ import annotations
 
@@ -61,18 +61,26 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(rest)
 
 
+def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from attnkit.eval.main import main as eval_main
+
+    return eval_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnkit", description="Attention for long sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
     p_methods = sub.add_parser("methods", help="list every method and what it supports")
     p_methods.add_argument("--json", action="store_true", help="print the capabilities as JSON")
     sub.add_parser("bench", help="benchmark the methods (attnkit bench --help for options)", add_help=False)
+    sub.add_parser("eval", help="perplexity and sentiment of pretrained models with each method "
+                                "(attnkit eval --help for options)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "methods":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return _cmd_methods(args)
-    return _cmd_bench(args, rest)
+    return _cmd_eval(args, rest) if args.command == "eval" else _cmd_bench(args, rest)
 
 
 if __name__ == "__main__":
