@@ -315,6 +315,18 @@ def test_forward_with_cache_matches_full_forward_when_nothing_is_quantized(tiny_
     assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_patched_model_reads_the_cache(tiny_llama):
+    # attnkit.patch's attention function reads cache views too: exact methods decode
+    # through them, approximate ones refuse with what to do.
+    model, ids = tiny_llama
+    ref = _generate(model, ids, DynamicCache(config=model.config), n=8)
+    with attnkit.patch(model, "auto"):
+        assert torch.equal(_generate(model, ids, QuantizedCache(bits=8, group_size=8), n=8), ref)
+    with attnkit.patch(model, "local:window=8"):
+        with pytest.raises(ValueError, match="patch this model with an exact method"):
+            _generate(model, ids, QuantizedCache(bits=4), n=2)
+
+
 def test_unpatched_model_fails_clearly(tiny_llama):
     model, ids = tiny_llama
     with pytest.raises(CacheViewError, match="materialize=True"):

@@ -83,6 +83,18 @@ def attention_forward(
     if is_causal is None:
         # transformers' own rule: the module decides, a config may turn causality off.
         is_causal = bool(getattr(module, "is_causal", False)) and getattr(module.config, "is_causal", True)
+    if not isinstance(key, Tensor):  # an attnkit cache's views (QuantizedCache, CompressedMemory)
+        from .cache.hf import hf_cache_attention
+        from .cache.views import CacheView
+
+        if isinstance(key, CacheView):
+            if not method.capabilities.exact:
+                raise ValueError(
+                    f"attnkit: layer {getattr(module, 'layer_idx', '?')} runs {method.spec()}, which cannot read an "
+                    "attnkit cache; caches are read block by block by exact attention: patch this model with an "
+                    "exact method (\"auto\") to generate with QuantizedCache/CompressedMemory"
+                )
+            return hf_cache_attention(query, key, value, attention_mask, is_causal=is_causal, scale=scaling), None
     n, s = query.shape[-2], key.shape[-2]
     mask = None
     if attention_mask is not None:

@@ -49,24 +49,11 @@ def hf_cache_attention(
     return out.transpose(1, 2)  # (B, N, Hq, Dv)
 
 
-def attention_forward(
-    module: nn.Module,
-    query: Tensor,
-    key,
-    value,
-    attention_mask: Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs,
-) -> tuple[Tensor, None]:
-    """The function registered as ``"attnkit_cache"``: views go to :func:`cache_attention`,
-    plain tensors to :func:`attnkit.hf.attention_forward` (exact ``"auto"``)."""
-    if not isinstance(key, CacheView):
-        return _hf.attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if is_causal is None:  # transformers' rule: the module decides, a config may turn it off
-        is_causal = bool(getattr(module, "is_causal", False)) and getattr(module.config, "is_causal", True)
-    return hf_cache_attention(query, key, value, attention_mask, is_causal=is_causal, scale=scaling), None
+# The function registered as ``"attnkit_cache"``: attnkit's own Hugging Face attention
+# (:func:`attnkit.hf.attention_forward`), which reads cache views block by block with
+# exact attention (:func:`hf_cache_attention`) and plain tensors with exact "auto" -- the
+# same function a model patched with ``attnkit.patch(model, "auto")`` runs.
+attention_forward = _hf.attention_forward
 
 
 def register() -> str:
