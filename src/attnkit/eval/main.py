@@ -168,10 +168,13 @@ def cmd_trainstep(args) -> dict:
 
     model, tokenizer = _load(args.model)
     ids = token_ids(tokenizer, "books", "eval", max_tokens=args.context)[None]  # (1, N)
+    method = (args.method or ["auto"])[0]
+    if args.method and len(args.method) > 1:
+        raise ValueError(f"--method: trainstep measures one method, got {args.method}")
     model.train()
     rows = []
     for ckpt in (False, True):
-        with patch(model, args.method or "auto", checkpoint=ckpt):
+        with patch(model, method, checkpoint=ckpt):
             def step():
                 loss = model(ids, labels=ids).loss
                 loss.backward()
@@ -181,7 +184,7 @@ def cmd_trainstep(args) -> dict:
             t0 = time.perf_counter()
             mem = peak_memory_here(step, probe="profiler")
             secs = time.perf_counter() - t0
-        rows.append({"label": f"checkpoint={ckpt}", "method": args.method or "auto", "peak_bytes": mem.peak_bytes,
+        rows.append({"label": f"checkpoint={ckpt}", "method": method, "peak_bytes": mem.peak_bytes,
                      "seconds": secs})
     model.eval()
     return {"kind": "trainstep", "model": args.model, "context": args.context, "rows": rows}
