@@ -199,6 +199,10 @@ def markdown(res: dict) -> str:
         worst = r.get("x_smaller_worst_in_next_group")
         lines.append(f"| {r['cache']} | {r['tokens']} | {r['bytes'] / 2**20:.2f} | {r['bytes_per_token']:.0f} | "
                      f"{r['x_smaller_than_fp16']:.2f} | {'' if worst is None else f'{worst:.2f}'} |")
+    if res.get("memory_bytes"):
+        lines += ["", "## CompressedMemory size as the sequence grows", "",
+                  "| tokens | " + " | ".join(res["memory_bytes"]) + " |", "|---|" + "---:|" * len(res["memory_bytes"]),
+                  "| MiB | " + " | ".join(f"{b / 2**20:.3f}" for b in res["memory_bytes"].values()) + " |"]
     if "quant_error" in res:
         lines += ["", "## Quantization error of SmolLM2's real keys and values (1024 tokens, all layers)", "",
                   "Relative squared error ||x̂ − x||² / ||x||². QuantizedCache's `scale=\"search\"` applies the "
@@ -228,7 +232,7 @@ def markdown(res: dict) -> str:
               "| cache | tokens/s | vs full |", "|---|---:|---:|"]
     for name, tps in s["tokens_per_s"].items():
         lines.append(f"| {name} | {tps:.2f} | {tps / s['tokens_per_s']['full']:.2f}x |")
-    lines += ["", res.get("speed_note", ""), ""]
+    lines += ["", res.get("speed_note", ""), ""] + [note for note in res.get("notes", [])]
     return "\n".join(lines)
 
 
