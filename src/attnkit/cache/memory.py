@@ -22,11 +22,12 @@ import math
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from ..ops.hybrid import _combine  # one normaliser for exact + feature mass, as Hybrid
 from ..ops.local import BandStats
 from ..ops.performer import KeyState, feature_logits, positive_features, projection_matrix
+from .layer import HeldTensorsLayer
 from .views import NEG_INF, CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
 __all__ = ["CompressedMemory", "MemoryLayer", "MemorySnapshot"]
@@ -77,7 +78,7 @@ class MemorySnapshot(Snapshot):
         return self.exact_k, self.exact_v
 
 
-class MemoryLayer(CacheLayerMixin):
+class MemoryLayer(HeldTensorsLayer):
     """One layer of a :class:`CompressedMemory`.
 
     Held tensors: ``sink_keys``/``sink_values`` (B, H, <= sinks, D|Dv) and
@@ -146,18 +147,6 @@ class MemoryLayer(CacheLayerMixin):
             out.update(state=self.summary.state_t, shift=self.summary.m)
         return out
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors().values())
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
     def reset(self) -> None:
         self.__init__(self.sinks, self.window, self.projection, self.scale)
 
@@ -167,15 +156,6 @@ class MemoryLayer(CacheLayerMixin):
                 setattr(self, name, fn(getattr(self, name)))
             if self.summary is not None:
                 self.summary.state_t, self.summary.m = fn(self.summary.state_t), fn(self.summary.m)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._select(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("CompressedMemory cannot crop: evicted tokens are summed into its state")

@@ -10,9 +10,10 @@ import functools
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from .quant import BITS, SCALES, dequantize, pack, quantize, unpack, unpack_slots
+from .layer import HeldTensorsLayer
 from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
 __all__ = ["QuantizedCache", "QuantizedLayer", "QuantizedSnapshot"]
@@ -123,7 +124,7 @@ class QuantizedSnapshot(Snapshot):
         return k.to(self.dtype), v.to(self.dtype)
 
 
-class QuantizedLayer(CacheLayerMixin):
+class QuantizedLayer(HeldTensorsLayer):
     """One layer of a :class:`QuantizedCache` (a transformers ``CacheLayerMixin``).
 
     Held tensors (B batch, H kv heads, D, Dv head dims, G group, Gv = min(G, Dv),
@@ -212,37 +213,11 @@ class QuantizedLayer(CacheLayerMixin):
         """Every tensor the layer holds, by name."""
         return {name: getattr(self, name) for name in self._TENSORS if getattr(self, name) is not None}
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors().values())
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
     def reset(self) -> None:
         for name in self._TENSORS:
             setattr(self, name, None)
         self.seen = 0
         self.is_initialized = False
-
-    def _select(self, fn) -> None:
-        if self.is_initialized:
-            for name, t in self.tensors().items():
-                setattr(self, name, fn(t))
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self._select(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
