@@ -14,7 +14,7 @@ from attnkit.core.inputs import Shape
 from attnkit.core.registry import resolve
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB, N = 101, 64
 CANDIDATES = ["local:window=8", "local:window=16,sinks=4", "local:window=32", "blocktopk:window=8,block=8,topk=2",

@@ -7,10 +7,15 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.calibrate import Calibration, capture_layers, load_calibration, relative_error
+from attnkit.calibrate import (
+    Calibration,
+    capture_layers,
+    load_calibration,
+    relative_error,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 101
 
@@ -101,9 +106,9 @@ def test_fitted_state_round_trips_through_state_dict():
         load_calibration(h, tensors)
         got = model(ids(seed=2)).last_hidden_state
     assert torch.equal(got, want) and not torch.equal(fresh, want)
-    with attnkit.patch(model, "lowrank:rank=2,projection=learned,max_len=48") as h:
-        with pytest.raises(ValueError, match="tensors"):
-            load_calibration(h, tensors)
+    with attnkit.patch(model, "lowrank:rank=2,projection=learned,max_len=48") as h, \
+            pytest.raises(ValueError, match="tensors"):
+        load_calibration(h, tensors)
 
 
 def test_time_budget_and_layers():

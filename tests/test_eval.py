@@ -15,7 +15,7 @@ from attnkit.eval.sentiment import fit_probe, predict, sentiment_rows
 from attnkit.eval.store import cached_tensors, entry_paths, load_tensors, save_tensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 101
 

@@ -77,7 +77,7 @@ def _calibrated(model, tokenizer, args, methods: dict) -> dict:
         key = {"model": args.model, "method": h.plan(), "data": args.data, "context": args.calibrate_context,
                "batches": args.calibrate_batches, "budget": args.calibrate}
 
-        def build(method=method):
+        def build(method=method, label=label):
             batches = _calibration_batches(tokenizer, args.data, args.calibrate_context, args.calibrate_batches)
             cal = calibrate(model, batches, method, budget=_budget(args.calibrate))
             tensors = cal.state_dict()  # before remove(): the handle lists the patched modules
@@ -89,7 +89,7 @@ def _calibrated(model, tokenizer, args, methods: dict) -> dict:
             return tensors
 
         name = f"calibration-{args.model}-{text_digest(json.dumps(key, sort_keys=True))[:12]}"
-        tensors, hit = cached_tensors(name, key, build)
+        tensors, _ = cached_tensors(name, key, build)
         out[label + " +calibrated"] = (method, tensors)
     return out
 

@@ -27,8 +27,16 @@ from ..core.registry import resolve
 from ..patch import patch, read_plan
 from .store import cached_tensors, text_digest
 
-__all__ = ["DATASETS", "EVAL_BOOK", "CALIBRATION_BOOK", "attention_flops", "default_methods", "perplexity_rows",
-           "token_ids", "windows"]
+__all__ = [
+    "CALIBRATION_BOOK",
+    "DATASETS",
+    "EVAL_BOOK",
+    "attention_flops",
+    "default_methods",
+    "perplexity_rows",
+    "token_ids",
+    "windows",
+]
 
 DATASETS = ("wiki", "books")
 EVAL_BOOK = "Persuasion"
@@ -131,7 +139,7 @@ def _score(model, wins: list[Tensor], measure_memory: bool) -> _Score:
     for i, ids in enumerate(wins):
         half = ids.shape[1] // 2
 
-        def fwd():
+        def fwd(ids=ids, half=half):
             with torch.no_grad():
                 # only the scored half needs logits: (1, half + 1, V) instead of (1, N, V)
                 return model(ids, logits_to_keep=half + 1).logits
@@ -139,7 +147,7 @@ def _score(model, wins: list[Tensor], measure_memory: bool) -> _Score:
         t0 = time.perf_counter()
         if measure_memory and i == 0:
             box = {}
-            mem = peak_memory_here(lambda: box.setdefault("logits", fwd()), probe="profiler")
+            mem = peak_memory_here(lambda box=box: box.setdefault("logits", fwd()), probe="profiler")
             logits, s.peak_bytes = box["logits"], mem.peak_bytes
         else:
             logits = fwd()

@@ -26,9 +26,9 @@ def _header(result: dict) -> list[str]:
     return [
         f"Command: `{result.get('command', '')}`",
         "",
-        f"Machine: {mach.get('cpu_model', '?')}, {mach.get('cpus_usable', '?')} usable cores, torch "
-        f"{mach.get('torch', '?')}, {mach.get('torch_threads', '?')} threads, commit {mach.get('git_commit', '?')}, "
-        f"{mach.get('date_utc', '')}.  {mach.get('note', '')}",
+        (f"Machine: {mach.get('cpu_model', '?')}, {mach.get('cpus_usable', '?')} usable cores, torch "
+         f"{mach.get('torch', '?')}, {mach.get('torch_threads', '?')} threads, commit {mach.get('git_commit', '?')}, "
+         f"{mach.get('date_utc', '')}.  {mach.get('note', '')}"),
         "",
     ]
 
