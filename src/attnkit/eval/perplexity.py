@@ -61,7 +61,7 @@ def token_ids(tokenizer, data: str, split: str = "eval", *, max_tokens: int | No
     (``"eval"`` or ``"calibration"``) as (T,) int64, cached.
 
     Args:
-        max_tokens: tokenise only the first ~4·max_tokens characters (enough for this
+        max_tokens: tokenise only the first 6·max_tokens characters (enough for this
             many tokens; cached separately).
     """
     text = _text(data, split)
