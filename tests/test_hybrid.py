@@ -406,3 +406,16 @@ def test_random_sizes_match_naive_float64(n, s, window, block, causal, padded, g
     out = attnkit.attention(q, k, v, mask, is_causal=causal, method=m)
     ref = _naive(m, q, k, v, mask, causal)
     assert max_err(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_gradient_reaches_a_trainable_projection_alone(causal):
+    # Calibration trains the projection with q, k, v fixed: no in-place step may touch
+    # a tensor the projection's graph needs.
+    q, k, v, _ = make_inputs(Case(batch=(1,), hq=2, hkv=2, n=70, s=70, d=8))
+    m = Hybrid(window=8, features=12, block=8)
+    st = m.make_state(2, 8)
+    st.projection.requires_grad_()
+    out, _ = run(q, k, v, is_causal=causal, method=m, state=st)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), (st.projection,))
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

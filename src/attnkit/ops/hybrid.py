@@ -245,7 +245,7 @@ def _key_features(
     keys = KeyState(k, lead, f, dv + 1)
     step = block_rows(math.prod(lead), f)
     v1 = _with_ones(v)  # (…, S, Dv+1)
-    if not (torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)):
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, w))):
         # No autograd: all logits in one GEMM, the final shift known up front, then the
         # exp and the state a cache-sized block at a time, in place -- φ(K) is the logits'
         # own buffer (no concatenation, no second pass to a later shift).
@@ -286,7 +286,7 @@ def _bidirectional(
     keys, phi_k, v1 = _key_features(k, v, w, scale, keep)
     shift_k = torch.where(keys.m == NEG_INF, 0.0, keys.m)  # (…, 1, 1)
     n = q.shape[-2]
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, w))
     # Under autograd one chunk: each chunk slices φ(K), and a slice costs a φ(K)-sized zero tensor in the backward.
     rows = n if grad else max(block, block_rows(math.prod(q.shape[:-2]), w.shape[0], multiple=block))
     sizes = [min(rows, n - r) for r in range(0, n, rows)]
