@@ -20,6 +20,16 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return front
 
 
+def _style(i: int) -> dict:
+    """Line style of the i-th method: 20 colours, and a marker and dash that change with
+    them, so that no two of up to 60 lines look alike (matplotlib's default cycle repeats
+    its 10 colours)."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](i % 20), "marker": "osD^v<>p"[i % 8],
+            "linestyle": ("-", "--", ":")[i // 20 % 3] if i >= 20 else ("-", "--")[i % 2]}
+
+
 def write_plots(report: dict, out: Path) -> list[Path]:
     """Write the four plots into ``out``; returns their paths."""
     import matplotlib
@@ -38,7 +48,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
                 pts = [(n, get(find(report, label, n, dtype, mode))) for n in c["ns"]]
                 pts = [(n, y) for n, y in pts if y]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=label)
+                    ax.plot(*zip(*pts), label=label, **_style(labels.index(label)))
             ax.set(xscale="log", yscale="log", xlabel="N", ylabel=ylabel,
                    title=f"{'forward' if mode == 'fwd' else 'forward+backward'}, {dtype}, {c['preset']['name']}")
             ax.grid(True, which="both", alpha=0.3)
