@@ -172,6 +172,8 @@ def run(args, argv=None) -> tuple[dict, int]:
     if args.against is not None:
         return {}, _compare(json.loads(args.compare.read_text()), json.loads(args.against.read_text()), args)
     cfg = build_config(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"attnkit bench: argument --out: {args.out} is a file; give a directory for the report")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         method, n = args.profile[0], int(args.profile[1])
