@@ -33,18 +33,13 @@ from transformers import DynamicCache
 
 import attnkit.cache as kvc
 from attnkit import data
+from attnkit.bench.machine import cpu_model
 
 QUANT = [(4, "minmax"), (4, "search"), (2, "minmax"), (2, "search")]
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
 
 

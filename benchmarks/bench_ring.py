@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnkit
+from attnkit.bench.machine import cpu_model
 from attnkit.bench.memory import peak_memory_here
 from attnkit.distributed import ring_attention, ring_stats, shard
 
@@ -56,14 +57,8 @@ MiB = 1 << 20
 
 
 def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

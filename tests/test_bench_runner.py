@@ -15,6 +15,8 @@ from attnkit.bench.cases import Case, make_call, parse_preset
 from attnkit.bench.flops import counted_flops
 from attnkit.bench.main import main, parse_args
 from attnkit.bench.memory import forkserver_context, measure_peak
+
+from .test_bench_measure import alloc_free_case
 from attnkit.bench.plots import pareto_front
 from attnkit.bench.report import compare, seed_summary
 from attnkit.bench.runner import Config, run_stress, run_sweep
@@ -22,15 +24,6 @@ from attnkit.bench.scaling import break_even, fit_exponent, project
 from attnkit.core.reference import reference_attention
 
 MiB = 2**20
-
-
-def alloc_case(nbytes: int):
-    def run():
-        block = torch.empty(nbytes, dtype=torch.uint8)
-        block.fill_(1)
-        del block
-
-    return run
 
 
 # -- fits and projections ---------------------------------------------------------------
@@ -76,7 +69,7 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_forkserver_probe_sees_a_known_allocation():
     ctx = forkserver_context()
     for _ in range(2):  # the second case comes from the same server, still clean
-        res = measure_peak(alloc_case, 32 * MiB, timeout=120, context=ctx, quiet=True)
+        res = measure_peak(alloc_free_case, 32 * MiB, timeout=120, context=ctx, quiet=True)
         assert res.ok, res.error
         assert res.peak_bytes == pytest.approx(32 * MiB, rel=0.02)
 

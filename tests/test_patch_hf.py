@@ -168,20 +168,13 @@ SMALL = {"performer": "performer:features=16", "lowrank": "lowrank:rank=8", "loc
          "hybrid": "hybrid:window=8"}
 
 
-@pytest.mark.parametrize("name", _approximate(causal=True))
-def test_approximate_methods_run_causal_gqa(name):
-    model = llama()
-    ids, mask, real = batch("right")
-    ref = logits(model, ids, mask)
-    with attnkit.patch(model, SMALL.get(name, name)):
-        out = logits(model, ids, mask)
-    assert torch.isfinite(out[real]).all()
-    assert rel_err(out[real], ref[real]) > 1e-6  # the approximation really ran
-
-
-@pytest.mark.parametrize("name", _approximate(causal=False))
-def test_approximate_methods_run_bidirectional(name):
-    model = bert()
+@pytest.mark.parametrize(
+    "name, make_model",
+    [(n, llama) for n in _approximate(causal=True)] + [(n, bert) for n in _approximate(causal=False)],
+    ids=[f"{n}-causal-gqa" for n in _approximate(causal=True)] + [f"{n}-bidirectional" for n in _approximate(causal=False)],
+)
+def test_approximate_methods_run(name, make_model):
+    model = make_model()
     ids, mask, real = batch("right")
     ref = logits(model, ids, mask)
     with attnkit.patch(model, SMALL.get(name, name)):

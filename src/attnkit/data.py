@@ -173,10 +173,10 @@ def _convert_gguf(gguf: Path, folder: Path, source: dict, transformers) -> None:
 
 
 def _file_entry(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -192,7 +192,7 @@ def _cache_valid(folder: Path, source: dict, version: str, verify: bool) -> bool
               and manifest["transformers"] == version and manifest["files"])
         for name, entry in manifest["files"].items():
             path = folder / name
-            ok = ok and path.stat().st_size == entry["size"] and (not verify or _sha256(path) == entry["sha256"])
+            ok = ok and path.stat().st_size == entry["size"] and (not verify or sha256_file(path) == entry["sha256"])
         return bool(ok)
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -26,14 +26,18 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
-def machine_info(device: str = "cpu") -> dict:
-    """CPU model, core counts, RAM, torch and thread settings, GPU (if used), commit and date."""
-    model = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; platform.processor() elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     except OSError:
-        model = platform.processor() or model
+        return platform.processor() or "unknown"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model, core counts, RAM, torch and thread settings, GPU (if used), commit and date."""
+    model = cpu_model()
     mem_total = None
     try:
         with open("/proc/meminfo") as f:

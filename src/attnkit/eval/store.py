@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..data import cache_dir
+from ..data import cache_dir, sha256_file
 
 __all__ = ["FORMAT", "cached_tensors", "entry_paths", "load_tensors", "save_tensors", "text_digest"]
 
@@ -33,14 +33,6 @@ def entry_paths(name: str, root: Path | str | None = None) -> tuple[Path, Path]:
         raise ValueError(f"argument 'name': cache entry names use letters, digits and -_. only, got {name!r}")
     folder = (Path(root) if root is not None else cache_dir()) / "eval"
     return folder / f"{name}.safetensors", folder / f"{name}.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(key) -> object:
@@ -56,7 +48,7 @@ def load_tensors(name: str, key, root: Path | str | None = None) -> dict[str, Te
         meta = json.loads(manifest.read_text())
         if meta.get("format") != FORMAT or meta.get("key") != _canonical(key):
             return None
-        if data.stat().st_size != meta["size"] or _sha256(data) != meta["sha256"]:
+        if data.stat().st_size != meta["size"] or sha256_file(data) != meta["sha256"]:
             return None
         return load_file(str(data))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError):
@@ -73,7 +65,7 @@ def save_tensors(name: str, key, tensors: dict[str, Tensor], root: Path | str | 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-        meta = {"format": FORMAT, "key": _canonical(key), "sha256": _sha256(Path(tmp)), "size": Path(tmp).stat().st_size}
+        meta = {"format": FORMAT, "key": _canonical(key), "sha256": sha256_file(Path(tmp)), "size": Path(tmp).stat().st_size}
         manifest.unlink(missing_ok=True)  # no manifest while the data changes: never a stale match
         os.replace(tmp, data)
         tmp_manifest = manifest.with_suffix(".json.tmp")
