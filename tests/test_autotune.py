@@ -102,3 +102,46 @@ def test_load_plan_rejects_non_json_and_unknown_methods(tmp_path):
     bad.write_text(json.dumps({"layers": {"0": "no_such_method"}}))
     with pytest.raises(ValueError, match="unknown attention method"):
         load_plan(bad)
+
+
+def test_per_head_select_bounds_every_head(model, report):
+    for delta in (0.0, 0.1, 0.3, 10.0):
+        plan = select(report, delta, per_head=True)
+        for layer, entry in plan["layers"].items():
+            row = report["table"][layer]
+            specs = [entry] * 4 if isinstance(entry, str) else entry
+            assert len(specs) == 4
+            for h, spec in enumerate(specs):
+                assert row[spec]["head_errors"][h] <= delta
+                within = [r["flops"] for r in row.values() if r.get("error") is not None and r["head_errors"][h] <= delta]
+                assert row[spec]["flops"] == min(within)
+
+
+def test_per_head_fit_flops_meets_the_budget_and_patches(model, report):
+    plan = fit_flops(report, 2.0, per_head=True)
+    assert plan["flops"]["ratio"] >= 2.0 and plan["rule"].startswith("per-head")
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    with attnkit.patch(model, json.loads(json.dumps(plan))) as h, torch.no_grad():
+        out = model(ids).logits
+        assert {k: resolve(v) for k, v in h.plan().items()} == {k: resolve(v) for k, v in plan["layers"].items()}
+    assert torch.isfinite(out).all()
+    # the plan's FLOPs are what the per-head methods count at seq_len
+    shape = Shape(1, 4, 2, 256, 256, 8, 8, True)
+    total = sum(resolve(v).flops(shape) for v in plan["layers"].values())
+    assert total == pytest.approx(plan["flops"]["plan"])
+    with pytest.raises(ValueError, match="ratio"):
+        fit_flops(report, 1e6, per_head=True)
+
+
+def test_eval_autotune_replans_from_a_measured_table(report, tmp_path, capsys):
+    from attnkit.eval.main import main
+
+    measured, out = tmp_path / "measured.json", tmp_path / "plan.json"
+    save_plan(report, measured)
+    assert main(["autotune", "--table", str(measured), "--context", "256", "--flops-ratio", "2", "--per-head",
+                 "--out", str(out)]) == 0
+    plan = load_plan(out)
+    assert plan["layers"] == json.loads(json.dumps(fit_flops(report, 2.0, per_head=True)["layers"]))
+    assert "per-head" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="context 256, not --context 512"):
+        main(["autotune", "--table", str(measured), "--context", "512", "--out", str(out)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from attnkit.bench.memory import forkserver_context, measure_peak
 
 from .test_bench_measure import alloc_free_case
 from attnkit.bench.plots import pareto_front
-from attnkit.bench.report import compare, seed_summary
+from attnkit.bench.report import compare, ratio_agreement, seed_summary
 from attnkit.bench.runner import Config, run_stress, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent, project
 from attnkit.core.reference import reference_attention
@@ -166,6 +167,21 @@ def test_compare_reports_change_and_flags_regressions_over_pct():
     assert not bad
 
 
+def test_ratio_agreement_compares_each_method_against_sdpa_of_its_own_run():
+    def run(sdpa: float, tiled: float, n: int = 2048) -> dict:
+        rows = _report(sdpa, 1, "torch-sdpa")["cases"] + _report(tiled, 1, "tiled")["cases"]
+        return {"cases": [{**r, "n": n} for r in rows]}
+
+    # the whole machine 30% slower: every ratio is unchanged
+    agree = ratio_agreement(run(1.0, 2.0), run(1.3, 2.6))
+    assert (agree["within"], agree["total"], agree["worst"]) == (2, 2, [])
+    agree = ratio_agreement(run(1.0, 2.0), run(1.0, 2.5))  # tiled 25% slower against SDPA
+    assert agree["within"] == 0 and agree["total"] == 2 and "2.000 -> 2.500 (+25.0%)" in agree["worst"][0]
+    assert ratio_agreement(run(1.0, 2.0, n=512), run(1.0, 9.0, n=512))["total"] == 0  # below min_n
+    lines, _ = compare(run(1.0, 2.0), run(1.0, 2.5))
+    assert any("0 of 2 agree within 15%" in line for line in lines)
+
+
 def test_fail_if_regression_sets_the_exit_status(tmp_path, capsys):
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(json.dumps(_report(1.0, 100)))
@@ -199,8 +215,10 @@ def test_tiny_run_writes_report_json_and_plots(tmp_path, capsys):
                    "--threads", "1", "--no-progress", "--out", str(out)])
     assert status == 0
     rep = json.loads((out / "results.json").read_text())
-    for key in ("cpu_model", "cpu_count", "torch", "torch_threads"):
+    for key in ("cpu_model", "cpu_count", "torch", "torch_threads", "allocator"):
         assert key in rep["machine"]
+    if platform.libc_ver()[0] == "glibc":  # the timing process's allocator is pinned (steady_allocator)
+        assert rep["machine"]["allocator"].startswith("glibc malloc with mmap off")
     ok = [r for r in rep["cases"] if r["status"] == "ok"]
     assert len(ok) == 3 * 2 * 2 * 2  # 3 runnable methods x 2 N x 2 dtypes x 2 modes
     assert all(r["time"]["times"] and r["memory"]["peak_bytes"] > 0 for r in ok)  # raw samples, memory
@@ -209,6 +227,7 @@ def test_tiny_run_writes_report_json_and_plots(tmp_path, capsys):
     assert any("prob_mse" in a for a in acc if a["method"].startswith("performer"))
     assert {f["label"] for f in rep["fits"]} >= {"vanilla", "torch-sdpa"}
     text = (out / "report.md").read_text()
+    assert f"Allocator: {rep['machine']['allocator']}" in text
     for section in ("## How it is measured", "## Scaling", "## N = 64, bf16", "## FLOPs", "not available on CPU",
                     "## Skipped, unsupported and failed cases"):
         assert section in text

@@ -3,12 +3,12 @@
 The model runs once per calibration batch with exact attention; at every layer each
 candidate method is run on the same q, k, v and its output compared with the exact
 output: the relative Frobenius error ||A~ - A||_F / ||A||_F, pooled over the batches
-(sqrt of summed squares over summed squares), and also per query head (reported, not
-planned: :func:`attnkit.patch` takes one method per layer, so a per-head choice cannot
-be applied yet).  Each candidate's cost is its :meth:`Method.flops` at the target length
+(sqrt of summed squares over summed squares), and also per query head.  Each candidate's cost is its :meth:`Method.flops` at the target length
 ``seq_len`` (a method whose cost depends on N is priced where it will run, not at the
 calibration length).  Per layer the plan takes the cheapest candidate within δ, and
-exact attention (``"auto"``) where none is.
+exact attention (``"auto"``) where none is; per head (``per_head=True``) each query head
+does, and a layer whose heads differ becomes a list of one method per head
+(:class:`attnkit.ops.heads.PerHead`), which :func:`attnkit.patch` runs as it is.
 
 The result is JSON: ``{"layers": {"0": "local:window=1024,sinks=4", ...}, ...}`` with the
 measured table kept beside the plan, so :func:`select` can re-plan for another δ (or a
@@ -65,6 +65,7 @@ def autotune(
     candidates: Sequence[MethodSpec] | None = None,
     seq_len: int | None = None,
     layers: Iterable[int] | None = None,
+    per_head: bool = False,
 ) -> dict:
     """Pick per layer the cheapest candidate whose attention output stays within
     ``max_error`` (relative Frobenius error against exact attention) on ``batches``.
@@ -78,6 +79,7 @@ def autotune(
             :data:`DEFAULT_CANDIDATES`); exact ``"auto"`` is always the fallback.
         seq_len: N at which costs are compared (default: the calibration length).
         layers: plan only these layers (default: every layer); the others run exact.
+        per_head: choose per query head (δ bounds each head's error) instead of per layer.
 
     Returns:
         A JSON-serialisable plan::
@@ -136,7 +138,7 @@ def autotune(
                              "flops": m.flops(at_n), "head_errors": [round(float(h), 6) for h in heads]}
         table[str(layer)] = row
     seq = seq_len or next(iter(shapes.values())).n
-    return select({"format": PLAN_FORMAT, "seq_len": seq, "table": table}, max_error)
+    return select({"format": PLAN_FORMAT, "seq_len": seq, "table": table}, max_error, per_head=per_head)
 
 
 def _state_for(method: Method, inp: AttentionInputs):
@@ -145,43 +147,103 @@ def _state_for(method: Method, inp: AttentionInputs):
     return None if state is None else state.to(inp.q.device)
 
 
-def select(report: Mapping, max_error: float) -> dict:
+def select(report: Mapping, max_error: float, *, per_head: bool = False) -> dict:
     """Re-plan from a measured table (an :func:`autotune` result) for another δ: per layer
-    the cheapest candidate with error <= ``max_error``, else exact.  Returns a new plan."""
+    the cheapest candidate with error <= ``max_error``, else exact.  With ``per_head``,
+    per query head: the cheapest candidate whose error on that head is <= ``max_error``
+    (a layer whose heads differ becomes a per-head list).  Returns a new plan."""
+    choices = {}
+    for layer, row in report["table"].items():
+        if per_head:
+            choices[layer] = [_cheapest(row, lambda r, h=h: r["head_errors"][h] <= max_error) for h in range(_heads(row))]
+        else:
+            choices[layer] = [_cheapest(row, lambda r: r["error"] <= max_error)] * _heads(row)
+    return _plan(report, choices, max_error, "per-head: cheapest within δ per head" if per_head else
+                 "per-layer: cheapest within δ per layer")
+
+
+def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False) -> dict:
+    """A plan whose attention FLOPs are at most exact / ``ratio``.
+
+    Per layer (default): the plan with the smallest δ that is cheap enough -- tries every
+    error in the table as δ, in increasing order.  Per head (``per_head=True``): the
+    choice that minimises the sum over all heads of their squared relative errors within
+    the FLOP budget, by Lagrangian relaxation -- each head takes the candidate minimising
+    ``error**2 + λ * flops``, with λ the smallest (bisected) that meets the budget.  Per
+    head, a far-reaching head gets a wide window and a local one a narrow window, where
+    a per-layer plan must give every head of a layer the same.
+
+    Raises:
+        ValueError: no candidate set reaches ``ratio`` (add cheaper candidates).
+    """
+    table = report["table"]
+    fail = ValueError(f"argument 'ratio': no plan from these candidates saves {ratio}x attention FLOPs; "
+                      f"add cheaper candidates")
+    if not per_head:
+        errors = sorted({r["error"] for row in table.values() for r in row.values() if r.get("error")})
+        for delta in errors:
+            plan = select(report, delta)
+            if plan["flops"]["ratio"] >= ratio:
+                return plan
+        raise fail
+    exact = sum(row[EXACT]["flops"] for row in table.values())
+
+    def choose(lam: float) -> tuple[dict, float]:
+        choices, cost = {}, 0.0
+        for layer, row in table.items():
+            hq = _heads(row)
+            picks = []
+            for h in range(hq):
+                spec = min(_usable(row), key=lambda sp: (row[sp]["head_errors"][h] ** 2 + lam * row[sp]["flops"] / hq,
+                                                         row[sp]["flops"], sp != EXACT))
+                picks.append(spec)
+                cost += row[spec]["flops"] / hq
+            choices[layer] = picks
+        return choices, cost
+
+    lo, hi = 0.0, 1.0 / max(exact, 1e-300)
+    while choose(hi)[1] * ratio > exact:
+        hi *= 4
+        if hi > 1e6 / max(exact, 1e-300):
+            raise fail
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if choose(mid)[1] * ratio <= exact else (mid, hi)
+    choices, _ = choose(hi)
+    worst = max(table[layer][spec]["head_errors"][h] for layer, picks in choices.items() for h, spec in enumerate(picks))
+    return _plan(report, choices, worst, f"per-head: least sum of squared head errors at {ratio}x fewer FLOPs")
+
+
+def _heads(row: Mapping) -> int:
+    return len(row[EXACT]["head_errors"])
+
+
+def _usable(row: Mapping) -> list[str]:
+    return [spec for spec, r in row.items() if r.get("error") is not None]
+
+
+def _cheapest(row: Mapping, ok) -> str:
+    return min((spec for spec in _usable(row) if ok(row[spec])), key=lambda sp: (row[sp]["flops"], sp != EXACT))
+
+
+def _plan(report: Mapping, choices: Mapping[str, list[str]], max_error: float, rule: str) -> dict:
+    """A plan from per-layer, per-head choices: a layer whose heads all agree is one spec."""
     table = report["table"]
     layers, flops_plan, flops_exact = {}, 0.0, 0.0
-    for layer, row in table.items():
-        ok = [(r["flops"], spec) for spec, r in row.items() if r.get("error") is not None and r["error"] <= max_error]
-        cost, spec = min(ok, key=lambda t: (t[0], t[1] != EXACT))
-        layers[layer] = spec
-        flops_plan += cost
+    for layer, picks in choices.items():
+        row = table[layer]
+        layers[layer] = picks[0] if len(set(picks)) == 1 else list(picks)
+        flops_plan += sum(row[spec]["flops"] for spec in picks) / len(picks)
         flops_exact += row[EXACT]["flops"]
     return {
         "format": report.get("format", PLAN_FORMAT),
         "layers": layers,
         "max_error": max_error,
+        "rule": rule,
         "seq_len": report["seq_len"],
         "flops": {"exact": flops_exact, "plan": flops_plan, "ratio": flops_exact / max(flops_plan, 1e-300)},
         "table": table,
     }
-
-
-def fit_flops(report: Mapping, ratio: float) -> dict:
-    """The plan with the smallest δ whose attention FLOPs are at most exact / ``ratio``.
-
-    Tries every error in the table as δ (in increasing order) and returns the first plan
-    that is cheap enough.
-
-    Raises:
-        ValueError: no candidate set reaches ``ratio`` (add cheaper candidates).
-    """
-    errors = sorted({r["error"] for row in report["table"].values() for r in row.values() if r.get("error")})
-    for delta in errors:
-        plan = select(report, delta)
-        if plan["flops"]["ratio"] >= ratio:
-            return plan
-    raise ValueError(f"argument 'ratio': no plan from these candidates saves {ratio}x attention FLOPs; "
-                     f"add cheaper candidates")
 
 
 def save_plan(plan: Mapping, path: str | Path) -> None:

@@ -31,7 +31,7 @@ from .core.capabilities import Method
 from .core.registry import MethodSpec, resolve
 from .nn import MultiheadAttention
 
-__all__ = ["PatchHandle", "patch", "read_plan"]
+__all__ = ["PatchHandle", "patch", "plan_entry", "read_plan"]
 
 PlanSpec = Union[MethodSpec, Mapping]
 
@@ -71,6 +71,12 @@ def read_plan(method: PlanSpec) -> tuple[Method | None, dict[int, Method]]:
     return None, plan
 
 
+def plan_entry(method: Method) -> str | list[str]:
+    """How a plan file writes one layer's method: its spec, or a per-head list of specs."""
+    spec = method.spec()
+    return json.loads(spec) if spec.startswith("[") else spec
+
+
 class PatchHandle:
     """What :func:`patch` did, and how to undo it.
 
@@ -88,10 +94,11 @@ class PatchHandle:
         self._modules: list[tuple[int, nn.Module]] = []
         self.removed = False
 
-    def plan(self) -> dict[str, str]:
-        """The patched layers as a JSON-serialisable plan ``{"3": "performer:features=256"}``;
-        ``patch(model, handle.plan())`` patches the same way."""
-        return {str(layer): m.spec() for layer, m in sorted(self.methods.items())}
+    def plan(self) -> dict[str, str | list[str]]:
+        """The patched layers as a JSON-serialisable plan ``{"3": "performer:features=256"}``
+        (a per-head layer as its list of per-head specs); ``patch(model, handle.plan())``
+        patches the same way."""
+        return {str(layer): plan_entry(m) for layer, m in sorted(self.methods.items())}
 
     def modules(self) -> Iterator[tuple[int, nn.Module]]:
         """``(layer index, module)`` of every patched attention: an
@@ -143,8 +150,9 @@ def patch(
         method: one method for every layer -- a name (``"tiled"``), a spec string
             (``"performer:features=256"``) or a config object (``attnkit.Local(window=512)``)
             -- or a per-layer plan ``{layer index: method}`` (also its JSON form, with
-            string keys, as :meth:`PatchHandle.plan` and autotune return).  Layers a plan
-            does not name are left alone.
+            string keys, as :meth:`PatchHandle.plan` and autotune return).  A plan's
+            method may be a list with one method per query head (a per-head plan,
+            :class:`attnkit.ops.heads.PerHead`).  Layers a plan does not name are left alone.
         layers: patch only these layer indices (default: all; with a plan, the plan's).
         checkpoint: wrap each patched attention in ``torch.utils.checkpoint``
             (``use_reentrant=False``): its intermediates are recomputed in backward

@@ -34,8 +34,9 @@ STRESS_NS = (4096, 16384)
 PROFILES = {
     "time_budget_s": (1.0, 2.0, 60.0),
     "run_budget_s": (40.0, 480.0, None),
-    "repeats": (2, 3, 5),
-    "min_run_time": (0.05, 0.2, 0.5),
+    # default: enough blocks that two runs agree on method/SDPA ratios within 15% at N >= 1024
+    "repeats": (2, 5, 7),
+    "min_run_time": (0.05, 0.5, 1.0),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -43,9 +44,11 @@ PROFILES = {
 
 
 def default_methods() -> list[str]:
+    """The baselines and every registered method that has a default configuration."""
     import attnkit
+    from attnkit.core.registry import default_config
 
-    return ["vanilla", "torch-sdpa", "xformers", *attnkit.methods()]
+    return ["vanilla", "torch-sdpa", "xformers", *(n for n in attnkit.methods() if default_config(n) is not None)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,8 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "budget (an hour or more on 2 CPU cores)")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
-    g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
-    g.add_argument("--min-run-time", type=float, help="least measured seconds per case (default 0.2)")
+    g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 5; --quick 2; --full 7)")
+    g.add_argument("--min-run-time", type=float, help="least measured seconds per case (default 0.5; --quick 0.05; --full 1.0)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
@@ -166,6 +169,7 @@ def run(args, argv=None) -> tuple[dict, int]:
     from .machine import machine_info
     from .report import render_markdown, seed_summary
     from .runner import run_profile, run_stress, run_sweep
+    from .timing import steady_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,6 +187,8 @@ def run(args, argv=None) -> tuple[dict, int]:
         return {}, 0
     start = time.monotonic()
     report = {"machine": machine_info(cfg.device)}
+    if cfg.device == "cpu" and cfg.timing:
+        report["machine"]["allocator"] = steady_allocator()
     if args.stress:
         report["stress"] = run_stress(cfg, args.n)
     else:

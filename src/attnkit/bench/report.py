@@ -131,7 +131,8 @@ def render_markdown(report: dict) -> str:
         f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s); "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
-        f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time.",
+        f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
+        + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"
             if c["device"].startswith("cuda") else
@@ -269,6 +270,30 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def ratio_agreement(old: dict, new: dict, min_n: int = 1024, tol_pct: float = 15.0) -> dict:
+    """How well two runs agree on each method's time relative to torch SDPA in the same run.
+
+    For every case measured in both runs (N >= ``min_n``, SDPA measured at the same N,
+    dtype and mode in both), the change of t_method / t_sdpa from ``old`` to ``new``.
+    Returns ``{"within", "total", "min_n", "tol_pct", "worst": [lines, largest change first]}``.
+    """
+    rows = []
+    for r in old["cases"]:
+        if r["status"] != "ok" or r["n"] < min_n or r["label"] == "torch-sdpa":
+            continue
+        ta, tb = _time(r), _time(find(new, r["label"], r["n"], r["dtype"], r["mode"]))
+        sa = _time(find(old, "torch-sdpa", r["n"], r["dtype"], r["mode"]))
+        sb = _time(find(new, "torch-sdpa", r["n"], r["dtype"], r["mode"]))
+        if None in (ta, tb, sa, sb):
+            continue
+        change = (tb / sb) / (ta / sa) - 1
+        rows.append((abs(change), f"{r['label']} {r['mode']} N={r['n']} {r['dtype']} "
+                                  f"{ta / sa:.3f} -> {tb / sb:.3f} ({100 * change:+.1f}%)"))
+    rows.sort(reverse=True)
+    return {"within": sum(c <= tol_pct / 100 for c, _ in rows), "total": len(rows), "min_n": min_n,
+            "tol_pct": tol_pct, "worst": [line for c, line in rows if c > tol_pct / 100]}
+
+
 def compare(old: dict, new: dict, pct: float | None = None) -> tuple[list[str], list[str]]:
     """Per-case change of time and peak memory from ``old`` to ``new`` results.
 
@@ -293,6 +318,11 @@ def compare(old: dict, new: dict, pct: float | None = None) -> tuple[list[str], 
                 if pct is not None and change > pct:
                     bad.append(f"{label} {mode} N={n} {dtype}: {name} {change:+.1f}% (> {pct:g}%)")
         lines.append(f"{label:<34} {mode:<7} N={n:<6} {dtype:<8} " + ", ".join(parts))
+    agree = ratio_agreement(old, new)
+    if agree["total"]:
+        lines.append(f"time ratios method / torch-sdpa at N >= {agree['min_n']}: {agree['within']} of "
+                     f"{agree['total']} agree within {agree['tol_pct']:g}%"
+                     + ("; worst: " + ", ".join(agree["worst"][:5]) if agree["worst"] else ""))
     only_old = sorted(set(a) - set(b), key=str)
     if only_old:
         lines.append(f"{len(only_old)} case(s) measured before but not now: "

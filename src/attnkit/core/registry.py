@@ -10,6 +10,7 @@ methods that could serve instead.  Nothing falls back silently.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import typing
 from typing import Union
@@ -20,13 +21,13 @@ from torch.nn import Module
 from .capabilities import Capabilities, Method, MethodNotSupportedError
 from .inputs import AttentionInputs, prepare_inputs
 
-__all__ = ["register", "methods", "resolve", "run", "explain", "get_method_class"]
+__all__ = ["register", "methods", "resolve", "run", "explain", "get_method_class", "default_config"]
 
 log = logging.getLogger("attnkit")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
-MethodSpec = Union[str, Method]
+MethodSpec = Union[str, Method, list, tuple]
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -75,13 +76,24 @@ def _convert(value: str, hint: object, key: str, name: str) -> object:
 
 
 def resolve(method: MethodSpec) -> Method:
-    """Turn ``"tiled"``, ``"tiled:block_q=128,block_k=256"`` or a config object into a config."""
+    """Turn ``"tiled"``, ``"tiled:block_q=128,block_k=256"`` or a config object into a config.
+
+    A list (or its JSON text) with one of those per query head is a per-head method,
+    :class:`attnkit.ops.heads.PerHead`.
+    """
     if isinstance(method, Method):
         return method
+    if isinstance(method, str) and method.lstrip().startswith("["):
+        try:
+            method = json.loads(method)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"argument 'method': {method[:60]!r} looks like a per-head list but is not JSON ({e})") from None
+    if isinstance(method, (list, tuple)):
+        return get_method_class("heads")(tuple(method))
     if not isinstance(method, str):
         raise TypeError(
-            f"argument 'method' must be a method name (str) or a config object such as "
-            f"attnkit.Tiled(), got {type(method).__name__}"
+            f"argument 'method' must be a method name (str), a config object such as attnkit.Tiled(), "
+            f"or a list of those (one per query head), got {type(method).__name__}"
         )
     name, _, arg_text = method.partition(":")
     cls = get_method_class(name.strip())
@@ -108,7 +120,7 @@ def _load_builtin_methods() -> None:
 
 
 def _refusal(method: Method, reasons: list[str], inp: AttentionInputs, need_weights: bool) -> str:
-    defaults = {name: _try_default(cls) for name, cls in _REGISTRY.items() if name != method.name}
+    defaults = {name: default_config(name) for name in _REGISTRY if name != method.name}
     others = [
         name
         for name, m in defaults.items()
@@ -118,10 +130,12 @@ def _refusal(method: Method, reasons: list[str], inp: AttentionInputs, need_weig
     return f"method {method.spec()!r} cannot serve these inputs: " + "; ".join(reasons) + "." + hint
 
 
-def _try_default(cls: type[Method]) -> Method | None:
+def default_config(name: str) -> Method | None:
+    """The method's default configuration, or None for one that needs arguments (e.g.
+    the per-head composite ``"heads"``)."""
     try:
-        return cls()
-    except TypeError:  # a family whose config has required fields
+        return get_method_class(name)()
+    except TypeError:
         return None
 
 

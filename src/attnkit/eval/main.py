@@ -4,7 +4,8 @@ Subcommands::
 
     attnkit eval perplexity --model smollm2 --data wiki|books --context N [--method M ...] [--plan P ...]
     attnkit eval sentiment  --model minilm [--method M ...]
-    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R] --out plan.json
+    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R] [--per-head]
+                            [--table measured_plan.json] --out plan.json
     attnkit eval trainstep  --model smollm2 --context 2048
 
 Each writes a markdown table to stdout (and ``--out-md``) and the full result as JSON
@@ -148,17 +149,30 @@ def cmd_sentiment(args) -> dict:
 
 
 def cmd_autotune(args) -> dict:
-    from ..autotune import autotune, fit_flops, save_plan, select
+    from ..autotune import autotune, fit_flops, load_plan, save_plan, select
 
-    model, tokenizer = _load(args.model)
-    batches = _calibration_batches(tokenizer, args.data, args.context, args.calibrate_batches)
     t0 = time.perf_counter()
-    report = autotune(model, batches, max_error=args.max_error, candidates=args.method or None, seq_len=args.context)
-    plan = fit_flops(report, args.flops_ratio) if args.flops_ratio else select(report, args.max_error)
+    if args.table is not None:  # re-plan from a measured table: the model does not run
+        report = load_plan(args.table)
+        if "table" not in report:
+            raise SystemExit(f"attnkit eval autotune: argument --table: {args.table} has no measured table "
+                             "(write one with attnkit eval autotune --out)")
+        if report.get("seq_len") != args.context:
+            raise SystemExit(f"attnkit eval autotune: argument --table: {args.table} was measured for context "
+                             f"{report.get('seq_len')}, not --context {args.context}")
+    else:
+        model, tokenizer = _load(args.model)
+        batches = _calibration_batches(tokenizer, args.data, args.context, args.calibrate_batches)
+        report = autotune(model, batches, max_error=args.max_error, candidates=args.method or None,
+                          seq_len=args.context)
+    if args.flops_ratio:
+        plan = fit_flops(report, args.flops_ratio, per_head=args.per_head)
+    else:
+        plan = select(report, args.max_error, per_head=args.per_head)
     save_plan(plan, args.out)
     return {"kind": "autotune", "model": args.model, "data": args.data, "context": args.context,
             "seconds": time.perf_counter() - t0, "plan_file": args.out, "max_error": plan["max_error"],
-            "flops": plan["flops"], "layers": plan["layers"]}
+            "rule": plan["rule"], "flops": plan["flops"], "layers": plan["layers"]}
 
 
 def cmd_trainstep(args) -> dict:
@@ -229,6 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--max-error", type=float, default=0.1)
     q.add_argument("--flops-ratio", type=float, help="instead: the smallest error budget saving this many x FLOPs")
     q.add_argument("--calibrate-batches", type=int, default=1)
+    q.add_argument("--per-head", action="store_true",
+                   help="choose per query head (a layer's heads may run different methods) instead of per layer")
+    q.add_argument("--table", type=Path, help="re-plan from the measured table in this plan file (from --out) "
+                   "instead of running the model")
     q.add_argument("--out", required=True, help="plan JSON file to write")
     common(q)
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 __all__ = ["render"]
 
 
+def _plan_cell(entry) -> str:
+    """One layer of a plan: `spec`, or for a per-head list the heads of each method."""
+    if isinstance(entry, str):
+        return f"`{entry}`"
+    heads: dict[str, list[int]] = {}
+    for h, spec in enumerate(entry):
+        heads.setdefault(spec, []).append(h)
+    return "; ".join(f"heads {','.join(map(str, hs))}: `{spec}`" for spec, hs in heads.items())
+
+
 def _bytes(b) -> str:
     if b is None:
         return "-"
@@ -63,11 +73,12 @@ def render(result: dict) -> str:
         lines.append(f"### Autotune: {result['model']} on {result['data']} calibration text, context {result['context']}")
         lines.append("")
         f = result["flops"]
-        lines.append(f"max_error {result['max_error']:.4f}; attention FLOPs {f['plan']:.3g} vs exact {f['exact']:.3g} "
+        rule = f"Rule: {result['rule']}; " if result.get("rule") else ""
+        lines.append(f"{rule}max_error {result['max_error']:.4f}; attention FLOPs {f['plan']:.3g} vs exact {f['exact']:.3g} "
                      f"({f['ratio']:.2f}x fewer); plan written to `{result['plan_file']}` ({result['seconds']:.0f} s)")
         lines.append("")
         lines += ["| layer | method |", "|---:|---|"]
-        lines += [f"| {k} | `{v}` |" for k, v in sorted(result["layers"].items(), key=lambda t: int(t[0]))]
+        lines += [f"| {k} | {_plan_cell(v)} |" for k, v in sorted(result["layers"].items(), key=lambda t: int(t[0]))]
     elif kind == "trainstep":
         lines.append(f"### Train step: {result['model']}, {result['context']} tokens, forward + backward")
         lines.append("")
