@@ -34,8 +34,7 @@ STRESS_NS = (4096, 16384)
 PROFILES = {
     "time_budget_s": (1.0, 2.0, 60.0),
     "run_budget_s": (40.0, 480.0, None),
-    # default: enough blocks that two runs agree on method/SDPA ratios within 15% at N >= 1024
-    "repeats": (2, 5, 7),
+    "repeats": (2, 3, 5),
     "min_run_time": (0.05, 0.5, 1.0),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
@@ -79,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "budget (an hour or more on 2 CPU cores)")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
-    g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 5; --quick 2; --full 7)")
+    g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
     g.add_argument("--min-run-time", type=float, help="least measured seconds per case (default 0.5; --quick 0.05; --full 1.0)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")

@@ -49,7 +49,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["PROBES", "PeakMemory", "allocation_case", "forkserver_context", "measure_peak", "peak_memory_here"]
+__all__ = ["PROBES", "PeakMemory", "allocation_case", "forkserver_context", "measure_peak", "peak_memory_here", "run_fresh"]
 
 PROBES = ("auto", "profiler", "cuda", "rss")
 
@@ -167,22 +167,65 @@ def peak_memory_here(
 # -- fresh process ---------------------------------------------------------------------
 
 
-def _child(conn, factory: Factory, args: tuple, device: str, probe: str, warmup: bool, quiet: bool = False) -> None:
+def _child(conn, target: Callable[..., object], args: tuple, quiet: bool) -> None:
     if quiet:  # the profiler's C++ side prints start/stop lines that would break a progress bar
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     try:
-        fn = factory(*args)
-        result = peak_memory_here(fn, device=device, probe=probe, warmup=warmup)
+        result = ("ok", target(*args))
     except Exception as e:  # reported to the parent, which decides what to do
-        result = PeakMemory(None, None, probe, error=f"{type(e).__name__}: {e}")
+        result = ("error", f"{type(e).__name__}: {e}")
     conn.send(result)
     conn.close()
     # Skip interpreter teardown (torch's takes most of a second).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def run_fresh(
+    target: Callable[..., object], *args, timeout: float | None = None, context="spawn", quiet: bool = False
+) -> tuple[object, str | None]:
+    """``target(*args)`` in a fresh process: ``(its picklable result, None)``, or
+    ``(None, why)`` when it raised, died (e.g. the out-of-memory killer) or timed out.
+
+    ``target`` must be an importable module-level function.  ``context`` is "spawn",
+    "forkserver" (see :func:`forkserver_context`) or a multiprocessing context; ``quiet``
+    silences the child's stdout and stderr (the result comes back by pipe).  Never raises
+    for a failing target, so one bad case cannot stop a sweep.
+    """
+    ctx = multiprocessing.get_context(context) if isinstance(context, str) else context
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, target, args, quiet), daemon=True)
+    proc.start()
+    send.close()  # so that recv sees EOF if the child dies
+    result, error = None, None
+    try:
+        if recv.poll(timeout):
+            result = recv.recv()
+        else:
+            error = f"timed out after {timeout} s"
+    except EOFError:
+        pass
+    finally:
+        recv.close()
+        proc.join(timeout=5 if result is not None else 0.1)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if result is None:
+        code = proc.exitcode
+        why = error or f"the measuring process exited with code {code}"
+        if code is not None and code < 0:
+            why += " (killed by a signal; -9 is usually the out-of-memory killer)"
+        return None, why
+    status, value = result
+    return (value, None) if status == "ok" else (None, value)
+
+
+def _peak_in_child(factory: Factory, args: tuple, device: str, probe: str, warmup: bool) -> PeakMemory:
+    return peak_memory_here(factory(*args), device=device, probe=probe, warmup=warmup)
 
 
 def measure_peak(
@@ -195,7 +238,7 @@ def measure_peak(
     context: str = "spawn",
     quiet: bool = False,
 ) -> PeakMemory:
-    """Peak extra memory of one call, measured in a fresh process.
+    """Peak extra memory of one call, measured in a fresh process (:func:`run_fresh`).
 
     Args:
         factory: an importable module-level function; ``factory(*args)`` runs in the
@@ -216,34 +259,9 @@ def measure_peak(
         It never raises for a failing case, so one bad case cannot stop a sweep.
     """
     probe = _pick_probe(probe, device)
-    ctx = multiprocessing.get_context(context) if isinstance(context, str) else context
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, factory, args, str(device), probe, warmup, quiet),
-                       daemon=True)
-    proc.start()
-    send.close()  # so that recv sees EOF if the child dies
-    result: PeakMemory | None = None
-    error = None
-    try:
-        if recv.poll(timeout):
-            result = recv.recv()
-        else:
-            error = f"timed out after {timeout} s"
-    except EOFError:
-        pass
-    finally:
-        recv.close()
-        proc.join(timeout=5 if result is not None else 0.1)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if result is None:
-        code = proc.exitcode
-        why = error or f"the measuring process exited with code {code}"
-        if code is not None and code < 0:
-            why += " (killed by a signal; -9 is usually the out-of-memory killer)"
-        result = PeakMemory(None, None, probe, error=why)
-    return result
+    result, why = run_fresh(_peak_in_child, factory, args, str(device), probe, warmup, timeout=timeout,
+                            context=context, quiet=quiet)
+    return result if why is None else PeakMemory(None, None, probe, error=why)
 
 
 def forkserver_context(preload: tuple[str, ...] = ("attnkit.bench.cases",)):

@@ -132,6 +132,9 @@ def render_markdown(report: dict) -> str:
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
+        + (" Each case is timed in a fresh process of its own (forked from the clean server, like the memory "
+           "probe; compiled cases in the sweep's process), so that no case's time depends on what ran before it."
+           if c.get("fresh_timing") else "")
         + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"

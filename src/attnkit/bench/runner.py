@@ -9,9 +9,15 @@ ones), the runner
    the projection, never dropped -- when that is over ``time_budget_s``,
    ``mem_budget_bytes`` or what is left of ``run_budget_s``;
 3. times it (:func:`attnkit.bench.timing.time_callable`, every block kept as a raw
-   sample), counts its FLOPs with ``FlopCounterMode`` at small N (cross-check of the
-   formula), and measures its peak extra memory in a fresh process
-   (:func:`attnkit.bench.memory.measure_peak`);
+   sample) in a fresh process of its own (``fresh_timing``; compiled cases in the
+   sweep's process), counts its FLOPs with ``FlopCounterMode`` at small N (cross-check
+   of the formula), and measures its peak extra memory in another fresh process
+   (:func:`attnkit.bench.memory.measure_peak`).  A fresh process per timing makes each
+   case independent of what ran before it: in one long process the same call's time
+   depended on the allocation history (measured: vanilla attention's forward at
+   N=1024 fp32 took 24 ms in one run and 40 ms in the next, math's at 4096 1.76 s and
+   0.48 s, each steady within its run); forked children from the clean server repeat
+   within 3%;
 4. measures, once per method × N × dtype, its error against the float64 reference on
    structured inputs (output, gradients, and the implied attention matrix at small N).
 
@@ -38,9 +44,9 @@ from .cases import (
     unsupported_reason,
 )
 from .flops import counted_flops
-from .memory import forkserver_context, measure_peak
+from .memory import forkserver_context, measure_peak, run_fresh
 from .scaling import fit_exponent, project
-from .timing import timed_quietly
+from .timing import steady_allocator, timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
 
@@ -87,6 +93,7 @@ class Config:
     progress: bool = True
     verbose: bool = False
     memory_context: str = "forkserver"
+    fresh_timing: bool = True
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -211,11 +218,19 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
         row["compile_s"] = time.perf_counter() - start
     if case.n <= cfg.flop_check_max_n and not case.compiled:
         row["flops_counted"] = counted_flops(fn)
-    if cfg.timing:
-        row["time"] = timed_quietly(fn, cfg)
-        row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
+    if cfg.timing and (case.compiled or not cfg.fresh_timing):
+        row["time"] = timed_quietly(fn, cfg)  # a compiled case would compile again in a fresh process
     del fn
     gc.collect()
+    if cfg.timing and "time" not in row:
+        timing, why = run_fresh(_timing_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
+                                timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+        if why is not None:
+            raise RuntimeError(f"timing: {why}")
+        row["time"] = timing
+    if "time" in row:
+        row["time"]["process"] = "in-process" if case.compiled or not cfg.fresh_timing else "fresh"
+        row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
     if cfg.memory and not case.compiled:
         limit = 120 + 20 * row["time"]["median"] if "time" in row else None
         mem = measure_peak(_memory_factory, case, cfg.seed, torch.get_num_threads(), device=case.device, timeout=limit,
@@ -226,6 +241,13 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     elif case.compiled:
         row["memory_note"] = "not measured for compiled runs (each fresh process would compile again)"
     return row
+
+
+def _timing_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
+    """The fresh process's timing: the steady allocator, the parent's thread count, the case."""
+    steady_allocator()
+    torch.set_num_threads(threads)
+    return timed_quietly(make_call(case, seed), cfg)
 
 
 def _memory_factory(case: Case, seed: int, threads: int):
@@ -309,7 +331,8 @@ def run_sweep(cfg: Config) -> dict:
     started = time.monotonic()
     cases = _cases(cfg)
     hist, refs = _History(), _References(cfg)
-    mem_ctx = forkserver_context() if cfg.memory_context == "forkserver" else cfg.memory_context
+    mem_ctx = (forkserver_context(("attnkit.bench.cases", "attnkit.bench.runner")) if cfg.memory_context == "forkserver"
+               else cfg.memory_context)
     rows, acc_rows = [], []
     bar = _Progress(len(cases), cfg.progress, "attnkit bench")
     _warm_process(cfg)
