@@ -145,3 +145,13 @@ def test_eval_autotune_replans_from_a_measured_table(report, tmp_path, capsys):
     assert "per-head" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="context 256, not --context 512"):
         main(["autotune", "--table", str(measured), "--context", "512", "--out", str(out)])
+
+
+def test_head_shares_recombine_head_errors_into_the_layer_error(report):
+    for row in report["table"].values():
+        shares = row[EXACT]["head_shares"]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+        for spec, r in row.items():
+            if r.get("error") is not None:
+                combined = sum(w * e * e for w, e in zip(shares, r["head_errors"])) ** 0.5
+                assert combined == pytest.approx(r["error"], rel=1e-3, abs=1e-5), spec

@@ -20,7 +20,7 @@ from attnkit.bench.memory import forkserver_context, measure_peak
 from .test_bench_measure import alloc_free_case
 from attnkit.bench.plots import pareto_front
 from attnkit.bench.report import compare, ratio_agreement, seed_summary
-from attnkit.bench.runner import Config, run_stress, run_sweep
+from attnkit.bench.runner import Config, pool_rounds, run_stress, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent, project
 from attnkit.core.reference import reference_attention
 
@@ -113,6 +113,24 @@ def _tiny(**kw) -> Config:
                 dtypes=["fp32"], repeats=1, min_run_time=0.001, memory=False, accuracy=False, progress=False,
                 flop_check_max_n=0)
     return Config(**{**base, **kw})
+
+
+def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
+    res = run_sweep(_tiny(ns=[32], rounds=3))
+    for row in res["cases"]:
+        t = row["time"]
+        assert t["process"] == "fresh" and len(t["rounds"]) == 3
+        medians = sorted(r["median"] for r in t["rounds"])
+        assert t["median"] == medians[1] and t["iqr"] == medians[2] - medians[0]
+        assert len(t["times"]) == sum(len(r["times"]) for r in t["rounds"])
+    assert pool_rounds([{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1, "other_load": 0.0},
+                        {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1, "other_load": 0.2}]
+                       ) == {"median": 2.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
+                             "other_load": 0.2, "process": "fresh",
+                             "rounds": [{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1,
+                                         "other_load": 0.0},
+                                        {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1,
+                                         "other_load": 0.2}]}
 
 
 def test_cases_over_the_time_budget_are_skipped_with_the_projection():

@@ -88,6 +88,9 @@ def autotune(
              "flops": {"exact": F0, "plan": F1, "ratio": F0 / F1},
              "table": {"0": {spec: {"error": e, "flops": f, "head_errors": [...]}}}}
 
+        (the exact row also holds ``head_shares``: each head's share of the exact output's
+        squared norm, so the layer's error is sqrt(sum of share x head error squared)).
+
         that :func:`attnkit.patch` (and ``--plan``) accept.
 
     Raises:
@@ -136,6 +139,8 @@ def autotune(
             heads = (num / den.clamp(min=1e-300)).sqrt()
             row[m.spec()] = {"error": math.sqrt(float(num.sum()) / max(float(den.sum()), 1e-300)),
                              "flops": m.flops(at_n), "head_errors": [round(float(h), 6) for h in heads]}
+            # each head's share of the exact output's squared norm (what weighs its error in the layer's)
+            row[EXACT]["head_shares"] = [round(float(x), 6) for x in den / den.sum().clamp(min=1e-300)]
         table[str(layer)] = row
     seq = seq_len or next(iter(shapes.values())).n
     return select({"format": PLAN_FORMAT, "seq_len": seq, "table": table}, max_error, per_head=per_head)

@@ -33,9 +33,10 @@ STRESS_NS = (4096, 16384)
 # (quick, default, full)
 PROFILES = {
     "time_budget_s": (1.0, 2.0, 60.0),
-    "run_budget_s": (40.0, 480.0, None),
+    "run_budget_s": (40.0, 540.0, None),
     "repeats": (2, 3, 5),
-    "min_run_time": (0.05, 0.5, 1.0),
+    "min_run_time": (0.05, 0.25, 1.0),
+    "rounds": (1, 2, 3),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -79,7 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
     g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
-    g.add_argument("--min-run-time", type=float, help="least measured seconds per case (default 0.5; --quick 0.05; --full 1.0)")
+    g.add_argument("--min-run-time", type=float, help="least measured seconds per case and round (default 0.25; --quick 0.05; --full 1.0)")
+    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the median of their "
+                   "medians (default 2; --quick 1; --full 3)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
@@ -88,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("budgets (cases over them are skipped and listed with the projection)")
     g.add_argument("--time-budget-s", type=float, help="per call, projected from smaller N (default 2; --full 60)")
     g.add_argument("--mem-budget-gib", type=float, help="projected peak extra memory (default: a quarter of the RAM)")
-    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 480; --quick 40; --full none; "
+    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 540; --quick 40; --full none; "
                    "0 = none)")
     g = p.add_argument_group("what to measure")
     g.add_argument("--accuracy-max-n", type=int, help="largest N for errors against float64 (default 4096)")
@@ -150,6 +153,7 @@ def build_config(args):
     return Config(
         methods=args.methods or default_methods(), preset=parse_preset(args.preset, args.batch), ns=args.n,
         dtypes=dtypes, device=device, warmup=args.warmup, repeats=args.repeats, min_run_time=args.min_run_time,
+        rounds=args.rounds,
         quiet_wait=args.quiet_wait, quiet_load=args.quiet_load, retries=args.retries,
         time_budget_s=args.time_budget_s, mem_budget_bytes=_mem_budget(args), run_budget_s=args.run_budget_s,
         memory=not args.no_memory, accuracy=not args.no_accuracy, accuracy_max_n=args.accuracy_max_n,

@@ -128,13 +128,15 @@ def render_markdown(report: dict) -> str:
         f"no mask. Dtypes: {', '.join(c['dtypes'])}. Methods: {', '.join(c['methods'])}.", "",
         "## How it is measured", "",
         f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s); median ± "
-        f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s); "
+        f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s)"
+        + (f" in each of {c['rounds']} fresh processes, pooled as the median of the processes' medians (± their "
+           f"range), the later rounds in reverse order" if c.get("rounds", 1) > 1 else "") + "; "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
-        + (" Each case is timed in a fresh process of its own (forked from the clean server, like the memory "
-           "probe; compiled cases in the sweep's process), so that no case's time depends on what ran before it."
-           if c.get("fresh_timing") else "")
+        + " Each case is timed in a fresh process of its own, right after its memory is measured there (forked "
+          "from the clean server; compiled cases in the sweep's process), so that no case's time depends on what "
+          "ran before it."
         + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"

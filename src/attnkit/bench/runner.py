@@ -8,11 +8,11 @@ ones), the runner
    (:func:`attnkit.bench.scaling.project`) and skips it -- listed with the reason and
    the projection, never dropped -- when that is over ``time_budget_s``,
    ``mem_budget_bytes`` or what is left of ``run_budget_s``;
-3. times it (:func:`attnkit.bench.timing.time_callable`, every block kept as a raw
-   sample) in a fresh process of its own (``fresh_timing``; compiled cases in the
-   sweep's process), counts its FLOPs with ``FlopCounterMode`` at small N (cross-check
-   of the formula), and measures its peak extra memory in another fresh process
-   (:func:`attnkit.bench.memory.measure_peak`).  A fresh process per timing makes each
+3. counts its FLOPs with ``FlopCounterMode`` at small N (cross-check of the formula),
+   then, in a fresh process of its own (:func:`attnkit.bench.memory.run_fresh`, forked
+   from a clean server), measures its peak extra memory (the first call) and times it
+   (:func:`attnkit.bench.timing.time_callable`, every block kept as a raw sample);
+   compiled cases are timed in the sweep's process.  A fresh process per case makes each
    case independent of what ran before it: in one long process the same call's time
    depended on the allocation history (measured: vanilla attention's forward at
    N=1024 fp32 took 24 ms in one run and 40 ms in the next, math's at 4096 1.76 s and
@@ -29,6 +29,7 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -44,7 +45,7 @@ from .cases import (
     unsupported_reason,
 )
 from .flops import counted_flops
-from .memory import forkserver_context, measure_peak, run_fresh
+from .memory import forkserver_context, peak_memory_here, run_fresh
 from .scaling import fit_exponent, project
 from .timing import steady_allocator, timed_quietly
 
@@ -93,7 +94,7 @@ class Config:
     progress: bool = True
     verbose: bool = False
     memory_context: str = "forkserver"
-    fresh_timing: bool = True
+    rounds: int = 1
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -179,7 +180,8 @@ class _History:
         return project([p[0] for p in pts], [p[which] for p in pts], case.n)
 
 
-def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -> tuple[dict, str | None]:
+def _projection_check(case: Case, cfg: Config, hist: _History, started: float,
+                      reserve: float = 0.0) -> tuple[dict, str | None]:
     """(projection, reason to skip or None)."""
     proj: dict = {}
     pt = hist.project(case, 1)
@@ -201,7 +203,7 @@ def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -
                       f"exceeds the memory budget {_fmt_b(cfg.mem_budget_bytes)} (--mem-budget-gib)")
     if cfg.run_budget_s is not None:
         cost = (cfg.warmup + cfg.repeats + 3) * proj.get("time_s", 0.0)
-        left = cfg.run_budget_s - (time.monotonic() - started)
+        left = cfg.run_budget_s - (time.monotonic() - started) - reserve  # reserve: later timing rounds
         if cost > left:
             proj["case_wall_s"] = cost
             return proj, (f"the run budget ({cfg.run_budget_s:.0f} s, --run-budget-s) leaves {max(left, 0):.0f} s; "
@@ -211,49 +213,85 @@ def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -
 
 def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     row: dict = {"status": "ok"}
-    fn = make_call(case, cfg.seed)
-    if case.compiled:
+    if case.compiled:  # measured here: a fresh process would compile again
+        fn = make_call(case, cfg.seed)
         start = time.perf_counter()
         fn()  # compiles
         row["compile_s"] = time.perf_counter() - start
-    if case.n <= cfg.flop_check_max_n and not case.compiled:
-        row["flops_counted"] = counted_flops(fn)
-    if cfg.timing and (case.compiled or not cfg.fresh_timing):
-        row["time"] = timed_quietly(fn, cfg)  # a compiled case would compile again in a fresh process
-    del fn
-    gc.collect()
-    if cfg.timing and "time" not in row:
-        timing, why = run_fresh(_timing_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
-                                timeout=300 + 30 * cfg.time_budget_s, quiet=True)
-        if why is not None:
-            raise RuntimeError(f"timing: {why}")
-        row["time"] = timing
-    if "time" in row:
-        row["time"]["process"] = "in-process" if case.compiled or not cfg.fresh_timing else "fresh"
-        row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
-    if cfg.memory and not case.compiled:
-        limit = 120 + 20 * row["time"]["median"] if "time" in row else None
-        mem = measure_peak(_memory_factory, case, cfg.seed, torch.get_num_threads(), device=case.device, timeout=limit,
-                           context=mem_ctx, quiet=True)
-        row["memory"] = mem.as_dict()
-        if not mem.ok:
-            row["status"], row["reason"] = "error", f"memory: {mem.error}"
-    elif case.compiled:
+        if cfg.timing:
+            row["time"] = {**timed_quietly(fn, cfg), "process": "sweep"}
         row["memory_note"] = "not measured for compiled runs (each fresh process would compile again)"
+    else:
+        if case.n <= cfg.flop_check_max_n:
+            row["flops_counted"] = counted_flops(make_call(case, cfg.seed))
+            gc.collect()
+        if cfg.memory or cfg.timing:
+            got, why = run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
+                                 timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+            if why is not None:
+                return {**row, "status": "error", "reason": f"measuring process: {why}"}
+            row.update(got)
+            if "time" in row:
+                row["time"]["rounds"] = [{k: v for k, v in row["time"].items() if k != "process"}]
+            if "memory" in row and row["memory"].get("error"):
+                row["status"], row["reason"] = "error", f"memory: {row['memory']['error']}"
+    if "time" in row:
+        row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
     return row
 
 
-def _timing_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
-    """The fresh process's timing: the steady allocator, the parent's thread count, the case."""
+def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
+    """One case in a fresh process of its own: first its peak memory (the first call, from
+    the clean state), then its time (:func:`timed_quietly`, after its own warm-up), with
+    the parent's thread count and the steady allocator."""
+    steady_allocator()
+    torch.set_num_threads(threads)
+    fn = make_call(case, seed)
+    out = {}
+    if cfg.memory:
+        out["memory"] = peak_memory_here(fn, device=case.device).as_dict()
+    if cfg.timing:
+        start = time.monotonic()
+        out["time"] = {**timed_quietly(fn, cfg), "process": "fresh"}
+        out["time"]["wall_s"] = time.monotonic() - start
+    return out
+
+
+def _time_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
+    """A later timing round: the case timed again in another fresh process."""
     steady_allocator()
     torch.set_num_threads(threads)
     return timed_quietly(make_call(case, seed), cfg)
 
 
-def _memory_factory(case: Case, seed: int, threads: int):
-    """The fresh process's factory: the parent's thread count, then the case's call."""
-    torch.set_num_threads(threads)
-    return make_call(case, seed)
+def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
+    """Time every case measured in a fresh process ``cfg.rounds - 1`` more times, each in
+    another fresh process, in reverse order (so a slow spell of the machine does not land on
+    the same cases twice), and pool each case's rounds (:func:`pool_rounds`)."""
+    todo = [(row, case) for row, case in zip(rows, cases) if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
+    for r in range(1, cfg.rounds):
+        for row, case in reversed(todo):
+            left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
+            if left is not None and left < row["time"]["rounds"][0].get("wall_s", 0.0) + 1.0:
+                row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
+                continue
+            got, why = run_fresh(_time_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
+                                 timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+            if why is None:
+                row["time"] = pool_rounds(row["time"]["rounds"] + [got])
+                row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
+
+
+def pool_rounds(rounds: list[dict]) -> dict:
+    """One timing from several rounds of the same case (each a fresh process): the median
+    of the rounds' medians (each process counts once, however many blocks it ran), their
+    range (max - min) as ``iqr``, every block kept."""
+    medians = sorted(r["median"] for r in rounds)
+    spread = medians[-1] - medians[0]
+    loads = [r["other_load"] for r in rounds if r.get("other_load") is not None]
+    return {"median": statistics.median(medians), "iqr": spread, "times": [t for r in rounds for t in r["times"]],
+            "number_per_block": max(r["number_per_block"] for r in rounds), "warmup": sum(r["warmup"] for r in rounds),
+            "other_load": max(loads) if loads else None, "process": "fresh", "rounds": rounds}
 
 
 # -- accuracy ---------------------------------------------------------------------------
@@ -343,7 +381,9 @@ def run_sweep(cfg: Config) -> dict:
             if why is not None:
                 row.update(status="unavailable" if case.method in BASELINES else "unsupported", reason=why)
             else:
-                proj, skip = _projection_check(case, cfg, hist, started)
+                reserve = (cfg.rounds - 1) * sum(r["time"].get("wall_s", 0.0) + 0.5 for r in rows
+                                                 if r["status"] == "ok" and r.get("time", {}).get("process") == "fresh")
+                proj, skip = _projection_check(case, cfg, hist, started, reserve)
                 row["projected"] = proj
                 if skip is None and hist.key(case) in hist.over:
                     skip = f"a smaller N was skipped ({hist.over[hist.key(case)]})"
@@ -372,6 +412,8 @@ def run_sweep(cfg: Config) -> dict:
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()
+    if cfg.rounds > 1 and cfg.timing:
+        _more_rounds(rows, cases, cfg, mem_ctx, started)
     return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}
 
 
