@@ -32,10 +32,11 @@ FULL_NS = (512, 1024, 2048, 4096, 8192, 16384)
 STRESS_NS = (4096, 16384)
 # (quick, default, full)
 PROFILES = {
-    "time_budget_s": (1.0, 2.0, 60.0),
+    "time_budget_s": (1.0, 1.5, 60.0),
+    "retries": (0, 1, 1),
     "run_budget_s": (40.0, 540.0, None),
     "repeats": (2, 3, 5),
-    "min_run_time": (0.05, 0.25, 1.0),
+    "min_run_time": (0.05, 0.15, 0.5),
     "rounds": (1, 2, 3),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
@@ -80,16 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
     g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
-    g.add_argument("--min-run-time", type=float, help="least measured seconds per case and round (default 0.25; --quick 0.05; --full 1.0)")
+    g.add_argument("--min-run-time", type=float, help="least measured seconds per case and round (default 0.15; --quick 0.05; --full 0.5)")
     g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the median of their "
                    "medians (default 2; --quick 1; --full 3)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
-    g.add_argument("--retries", type=int, default=0, help="re-time a case this many times when others used > 10%% "
-                   "of the CPU meanwhile, keeping the least disturbed (default 0)")
+    g.add_argument("--retries", type=int, help="re-time a case this many times when others used > 10%% "
+                   "of the CPU meanwhile, keeping the least disturbed (default 1; --quick 0)")
     g = p.add_argument_group("budgets (cases over them are skipped and listed with the projection)")
-    g.add_argument("--time-budget-s", type=float, help="per call, projected from smaller N (default 2; --full 60)")
+    g.add_argument("--time-budget-s", type=float, help="per call, projected from smaller N (default 1.5; --quick 1; --full 60)")
     g.add_argument("--mem-budget-gib", type=float, help="projected peak extra memory (default: a quarter of the RAM)")
     g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 540; --quick 40; --full none; "
                    "0 = none)")

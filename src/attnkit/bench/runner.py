@@ -381,7 +381,8 @@ def run_sweep(cfg: Config) -> dict:
             if why is not None:
                 row.update(status="unavailable" if case.method in BASELINES else "unsupported", reason=why)
             else:
-                reserve = (cfg.rounds - 1) * sum(r["time"].get("wall_s", 0.0) + 0.5 for r in rows
+                # what the later rounds will cost: each case measured so far, timed again in a new process
+                reserve = (cfg.rounds - 1) * sum(r["time"].get("wall_s", 0.0) + 0.15 for r in rows
                                                  if r["status"] == "ok" and r.get("time", {}).get("process") == "fresh")
                 proj, skip = _projection_check(case, cfg, hist, started, reserve)
                 row["projected"] = proj
