@@ -155,3 +155,23 @@ def test_head_shares_recombine_head_errors_into_the_layer_error(report):
             if r.get("error") is not None:
                 combined = sum(w * e * e for w, e in zip(shares, r["head_errors"])) ** 0.5
                 assert combined == pytest.approx(r["error"], rel=1e-3, abs=1e-5), spec
+
+
+def test_per_head_fit_flops_by_share_weighs_heads_by_their_output_norm(report):
+    plan = fit_flops(report, 2.0, per_head=True, by_share=True)
+    assert plan["flops"]["ratio"] >= 2.0 and "share-weighted" in plan["rule"]
+    # a head with no share of the output costs nothing to approximate: it takes the cheapest candidate
+    table = json.loads(json.dumps(report["table"]))
+    for row in table.values():
+        row[EXACT]["head_shares"] = [0.0, 0.0, 0.5, 0.5]
+    plan = fit_flops({**report, "table": table}, 1.5, per_head=True, by_share=True)
+    for layer, entry in plan["layers"].items():
+        row = table[layer]
+        cheapest = min(r["flops"] for r in row.values() if r.get("error") is not None)
+        for h in (0, 1):
+            spec = entry if isinstance(entry, str) else entry[h]
+            assert row[spec]["flops"] == cheapest
+    for row in table.values():
+        del row[EXACT]["head_shares"]
+    with pytest.raises(ValueError, match="head_shares"):
+        fit_flops({**report, "table": table}, 2.0, per_head=True, by_share=True)

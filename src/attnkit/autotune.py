@@ -167,7 +167,7 @@ def select(report: Mapping, max_error: float, *, per_head: bool = False) -> dict
                  "per-layer: cheapest within δ per layer")
 
 
-def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False) -> dict:
+def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False, by_share: bool = False) -> dict:
     """A plan whose attention FLOPs are at most exact / ``ratio``.
 
     Per layer (default): the plan with the smallest δ that is cheap enough -- tries every
@@ -176,7 +176,9 @@ def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False) -> dict:
     the FLOP budget, by Lagrangian relaxation -- each head takes the candidate minimising
     ``error**2 + λ * flops``, with λ the smallest (bisected) that meets the budget.  Per
     head, a far-reaching head gets a wide window and a local one a narrow window, where
-    a per-layer plan must give every head of a layer the same.
+    a per-layer plan must give every head of a layer the same.  With ``by_share``, each
+    head's squared error is weighted by its share of the layer's output norm (the table's
+    ``head_shares``), so the objective is the sum over layers of their squared errors.
 
     Raises:
         ValueError: no candidate set reaches ``ratio`` (add cheaper candidates).
@@ -192,14 +194,19 @@ def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False) -> dict:
                 return plan
         raise fail
     exact = sum(row[EXACT]["flops"] for row in table.values())
+    if by_share and any("head_shares" not in row[EXACT] for row in table.values()):
+        raise ValueError("argument 'by_share': this table has no head_shares (measured before they were recorded); "
+                         "run autotune again")
 
     def choose(lam: float) -> tuple[dict, float]:
         choices, cost = {}, 0.0
         for layer, row in table.items():
             hq = _heads(row)
+            weight = row[EXACT]["head_shares"] if by_share else [1.0] * hq
             picks = []
             for h in range(hq):
-                spec = min(_usable(row), key=lambda sp: (row[sp]["head_errors"][h] ** 2 + lam * row[sp]["flops"] / hq,
+                spec = min(_usable(row), key=lambda sp: (weight[h] * row[sp]["head_errors"][h] ** 2
+                                                         + lam * row[sp]["flops"] / hq,
                                                          row[sp]["flops"], sp != EXACT))
                 picks.append(spec)
                 cost += row[spec]["flops"] / hq
@@ -216,7 +223,8 @@ def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False) -> dict:
         lo, hi = (lo, mid) if choose(mid)[1] * ratio <= exact else (mid, hi)
     choices, _ = choose(hi)
     worst = max(table[layer][spec]["head_errors"][h] for layer, picks in choices.items() for h, spec in enumerate(picks))
-    return _plan(report, choices, worst, f"per-head: least sum of squared head errors at {ratio}x fewer FLOPs")
+    what = "share-weighted squared head errors" if by_share else "squared head errors"
+    return _plan(report, choices, worst, f"per-head: least sum of {what} at {ratio}x fewer FLOPs")
 
 
 def _heads(row: Mapping) -> int:

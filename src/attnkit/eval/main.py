@@ -4,7 +4,7 @@ Subcommands::
 
     attnkit eval perplexity --model smollm2 --data wiki|books --context N [--method M ...] [--plan P ...]
     attnkit eval sentiment  --model minilm [--method M ...]
-    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R] [--per-head]
+    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R] [--per-head [--by-share]]
                             [--table measured_plan.json] --out plan.json
     attnkit eval trainstep  --model smollm2 --context 2048
 
@@ -166,7 +166,7 @@ def cmd_autotune(args) -> dict:
         report = autotune(model, batches, max_error=args.max_error, candidates=args.method or None,
                           seq_len=args.context)
     if args.flops_ratio:
-        plan = fit_flops(report, args.flops_ratio, per_head=args.per_head)
+        plan = fit_flops(report, args.flops_ratio, per_head=args.per_head, by_share=args.by_share)
     else:
         plan = select(report, args.max_error, per_head=args.per_head)
     save_plan(plan, args.out)
@@ -245,6 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--calibrate-batches", type=int, default=1)
     q.add_argument("--per-head", action="store_true",
                    help="choose per query head (a layer's heads may run different methods) instead of per layer")
+    q.add_argument("--by-share", action="store_true", help="with --per-head and --flops-ratio: weigh each head's "
+                   "error by its share of the layer's output norm")
     q.add_argument("--table", type=Path, help="re-plan from the measured table in this plan file (from --out) "
                    "instead of running the model")
     q.add_argument("--out", required=True, help="plan JSON file to write")
