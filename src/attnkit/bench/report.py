@@ -112,6 +112,16 @@ def _fit(report, label, dtype, mode, what):
     return None
 
 
+def _timed(report: dict) -> int:
+    return sum(1 for r in report["cases"] if r.get("time", {}).get("process") == "fresh")
+
+
+def _full_rounds(report: dict) -> int:
+    want = report["config"].get("rounds", 1)
+    return sum(1 for r in report["cases"] if len(r.get("time", {}).get("rounds", [])) >= want
+               and r["time"].get("process") == "fresh")
+
+
 def render_markdown(report: dict) -> str:
     m, c = report["machine"], report["config"]
     p = c["preset"]
@@ -130,7 +140,9 @@ def render_markdown(report: dict) -> str:
         f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s); median ± "
         f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s)"
         + (f" in each of {c['rounds']} fresh processes, pooled as the median of the processes' medians (± their "
-           f"range), the later rounds in reverse order" if c.get("rounds", 1) > 1 else "") + "; "
+           f"range), the later rounds in reverse order (largest N first) within the run budget: "
+           f"{_full_rounds(report)} of {_timed(report)} cases got all {c['rounds']}"
+           if c.get("rounds", 1) > 1 else "") + "; "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."

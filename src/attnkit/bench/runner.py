@@ -180,8 +180,7 @@ class _History:
         return project([p[0] for p in pts], [p[which] for p in pts], case.n)
 
 
-def _projection_check(case: Case, cfg: Config, hist: _History, started: float,
-                      reserve: float = 0.0) -> tuple[dict, str | None]:
+def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -> tuple[dict, str | None]:
     """(projection, reason to skip or None)."""
     proj: dict = {}
     pt = hist.project(case, 1)
@@ -203,7 +202,7 @@ def _projection_check(case: Case, cfg: Config, hist: _History, started: float,
                       f"exceeds the memory budget {_fmt_b(cfg.mem_budget_bytes)} (--mem-budget-gib)")
     if cfg.run_budget_s is not None:
         cost = (cfg.warmup + cfg.repeats + 3) * proj.get("time_s", 0.0)
-        left = cfg.run_budget_s - (time.monotonic() - started) - reserve  # reserve: later timing rounds
+        left = cfg.run_budget_s - (time.monotonic() - started)
         if cost > left:
             proj["case_wall_s"] = cost
             return proj, (f"the run budget ({cfg.run_budget_s:.0f} s, --run-budget-s) leaves {max(left, 0):.0f} s; "
@@ -266,8 +265,11 @@ def _time_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
 
 def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
     """Time every case measured in a fresh process ``cfg.rounds - 1`` more times, each in
-    another fresh process, in reverse order (so a slow spell of the machine does not land on
-    the same cases twice), and pool each case's rounds (:func:`pool_rounds`)."""
+    another fresh process, in reverse order (largest N first; a slow spell of the machine
+    does not land on the same cases twice), and pool each case's rounds
+    (:func:`pool_rounds`).  The first round measures every case; the later ones take
+    what is left of the run budget, and a case they do not reach keeps one round (its
+    ``rounds_skipped`` says so)."""
     todo = [(row, case) for row, case in zip(rows, cases) if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
     for r in range(1, cfg.rounds):
         for row, case in reversed(todo):
@@ -381,10 +383,7 @@ def run_sweep(cfg: Config) -> dict:
             if why is not None:
                 row.update(status="unavailable" if case.method in BASELINES else "unsupported", reason=why)
             else:
-                # what the later rounds will cost: each case measured so far, timed again in a new process
-                reserve = (cfg.rounds - 1) * sum(r["time"].get("wall_s", 0.0) + 0.15 for r in rows
-                                                 if r["status"] == "ok" and r.get("time", {}).get("process") == "fresh")
-                proj, skip = _projection_check(case, cfg, hist, started, reserve)
+proj, skip = _projection_check(case, cfg, hist, started)
                 row["projected"] = proj
                 if skip is None and hist.key(case) in hist.over:
                     skip = f"a smaller N was skipped ({hist.over[hist.key(case)]})"
