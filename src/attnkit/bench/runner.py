@@ -383,7 +383,7 @@ def run_sweep(cfg: Config) -> dict:
             if why is not None:
                 row.update(status="unavailable" if case.method in BASELINES else "unsupported", reason=why)
             else:
-proj, skip = _projection_check(case, cfg, hist, started)
+                proj, skip = _projection_check(case, cfg, hist, started)
                 row["projected"] = proj
                 if skip is None and hist.key(case) in hist.over:
                     skip = f"a smaller N was skipped ({hist.over[hist.key(case)]})"
