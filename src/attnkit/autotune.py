@@ -3,9 +3,9 @@
 The model runs once per calibration batch with exact attention; at every layer each
 candidate method is run on the same q, k, v and its output compared with the exact
 output: the relative Frobenius error ||A~ - A||_F / ||A||_F, pooled over the batches
-(sqrt of summed squares over summed squares), and also per query head.  Each candidate's cost is its :meth:`Method.flops` at the target length
-``seq_len`` (a method whose cost depends on N is priced where it will run, not at the
-calibration length).  Per layer the plan takes the cheapest candidate within δ, and
+(sqrt of summed squares over summed squares), and also per query head.  Each
+candidate's cost is its :meth:`Method.flops` at the target length ``seq_len`` (a method
+whose cost depends on N is priced where it will run, not at the calibration length).  Per layer the plan takes the cheapest candidate within δ, and
 exact attention (``"auto"``) where none is; per head (``per_head=True``) each query head
 does, and a layer whose heads differ becomes a list of one method per head
 (:class:`attnkit.ops.heads.PerHead`), which :func:`attnkit.patch` runs as it is.
@@ -139,7 +139,9 @@ def autotune(
             heads = (num / den.clamp(min=1e-300)).sqrt()
             row[m.spec()] = {"error": math.sqrt(float(num.sum()) / max(float(den.sum()), 1e-300)),
                              "flops": m.flops(at_n), "head_errors": [round(float(h), 6) for h in heads]}
-            # each head's share of the exact output's squared norm (what weighs its error in the layer's)
+        measured = [got for got in sums[layer].values() if not isinstance(got, str)]
+        if measured:  # each head's share of the exact output's squared norm (the same den for every candidate)
+            den = measured[0][1]
             row[EXACT]["head_shares"] = [round(float(x), 6) for x in den / den.sum().clamp(min=1e-300)]
         table[str(layer)] = row
     seq = seq_len or next(iter(shapes.values())).n

@@ -225,13 +225,12 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
             row["flops_counted"] = counted_flops(make_call(case, cfg.seed))
             gc.collect()
         if cfg.memory or cfg.timing:
-            got, why = run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
-                                 timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+            got, why = _in_fresh_process(case, cfg, mem_ctx)
             if why is not None:
                 return {**row, "status": "error", "reason": f"measuring process: {why}"}
             row.update(got)
             if "time" in row:
-                row["time"]["rounds"] = [{k: v for k, v in row["time"].items() if k != "process"}]
+                row["time"] = {**row["time"], "process": "fresh", "rounds": [row["time"]]}
             if "memory" in row and row["memory"].get("error"):
                 row["status"], row["reason"] = "error", f"memory: {row['memory']['error']}"
     if "time" in row:
@@ -239,10 +238,16 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     return row
 
 
+def _in_fresh_process(case: Case, cfg: Config, mem_ctx) -> tuple[dict | None, str | None]:
+    """:func:`_case_in_child` in a fresh process (:func:`run_fresh`): (result, None) or (None, why)."""
+    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
+                     timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+
+
 def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     """One case in a fresh process of its own: first its peak memory (the first call, from
-    the clean state), then its time (:func:`timed_quietly`, after its own warm-up), with
-    the parent's thread count and the steady allocator."""
+    the clean state; when ``cfg.memory``), then its time (:func:`timed_quietly`, after its
+    own warm-up), with the parent's thread count and the steady allocator."""
     steady_allocator()
     torch.set_num_threads(threads)
     fn = make_call(case, seed)
@@ -251,16 +256,8 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
         out["memory"] = peak_memory_here(fn, device=case.device).as_dict()
     if cfg.timing:
         start = time.monotonic()
-        out["time"] = {**timed_quietly(fn, cfg), "process": "fresh"}
-        out["time"]["wall_s"] = time.monotonic() - start
+        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start}
     return out
-
-
-def _time_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
-    """A later timing round: the case timed again in another fresh process."""
-    steady_allocator()
-    torch.set_num_threads(threads)
-    return timed_quietly(make_call(case, seed), cfg)
 
 
 def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
@@ -270,17 +267,18 @@ def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, star
     (:func:`pool_rounds`).  The first round measures every case; the later ones take
     what is left of the run budget, and a case they do not reach keeps one round (its
     ``rounds_skipped`` says so)."""
-    todo = [(row, case) for row, case in zip(rows, cases) if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
+    todo = [(row, case) for row, case in zip(rows, cases)
+            if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
+    timing_only = replace(cfg, memory=False)
     for r in range(1, cfg.rounds):
         for row, case in reversed(todo):
             left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
             if left is not None and left < row["time"]["rounds"][0].get("wall_s", 0.0) + 1.0:
                 row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
                 continue
-            got, why = run_fresh(_time_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
-                                 timeout=300 + 30 * cfg.time_budget_s, quiet=True)
+            got, why = _in_fresh_process(case, timing_only, mem_ctx)
             if why is None:
-                row["time"] = pool_rounds(row["time"]["rounds"] + [got])
+                row["time"] = pool_rounds(row["time"]["rounds"] + [got["time"]])
                 row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
 
 

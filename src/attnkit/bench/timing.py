@@ -221,11 +221,12 @@ def steady_allocator() -> str:
     in the next.  Measured on this project's 2-core machine (bert-base shape, forward,
     median of 7 after a warm-up): vanilla attention at N=1024 bf16 took 29.8 or 9.4 ms in
     the same process depending on what ran before it, fp32 63-66 ms; with this setting
-    8.7-8.9 ms and 25 ms every time (SDPA and LowRank unchanged, 18-19 ms and 6 ms).  With mmap off (``M_MMAP_MAX=0``) and no
-    trimming, every call after the warm-up reuses warm heap pages in every run -- what a
-    long-running process (or the CUDA caching allocator) sees.  It applies to this
-    process only (the memory probes run in fresh processes and measure allocator events,
-    not pages), and is never undone.
+    8.7-8.9 ms and 25 ms every time (SDPA and LowRank unchanged, 18-19 ms and 6 ms).
+    With mmap off (``M_MMAP_MAX=0``) and no trimming, every call after the warm-up reuses
+    warm heap pages -- what a long-running process (or the CUDA caching allocator) sees.
+    It applies to the calling process only and is never undone: the sweep calls it in
+    each fresh timing process (and in its own, for compiled cases); memory is measured
+    from allocator events, not pages, so it does not change what the probe reports.
 
     Returns a line for the report: what was set, or why nothing could be (not glibc).
     """
