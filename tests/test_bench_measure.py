@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,48 @@ def test_timing_returns_positive_median_and_iqr():
     assert t.median > 0 and t.iqr >= 0
     assert len(t.times) >= 1 and t.number_per_block >= 1
     assert t.other_load is None or 0.0 <= t.other_load <= 1.0
+
+
+def _faulting_call(fault_on: set[int], slow_s: float = 0.06):
+    """A slow call that writes 64 MiB of fresh memory (page faults) on the listed calls."""
+    calls = [0]
+
+    def run() -> None:
+        calls[0] += 1
+        if calls[0] in fault_on:
+            block = b"\x01" * (64 * MiB)  # a fresh mmap'd block, every page written
+            del block
+        time.sleep(slow_s)
+
+    return run, calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="page faults are counted with resource")
+def test_timing_settles_after_faulting_warmups_and_retakes_faulting_blocks():
+    # calls 1-2: warm-up faults, so a third warm-up call is made; calls 4 and 6 fault while
+    # measured, so those two blocks are re-taken and three clean ones remain
+    run, calls = _faulting_call({1, 2, 4, 6})
+    t = time_callable(run, warmup=1, repeats=3, min_run_time=0.0)
+    assert t.warmup == 3
+    assert len(t.faulted_blocks) == 2 and len(t.times) == 3 and t.number_per_block == 1
+    assert t.page_faults is not None and t.page_faults < 256
+    assert calls[0] == 3 + 5  # warm-up and settling, then 3 kept + 2 re-taken blocks
+
+
+@pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="page faults are counted with resource")
+def test_timing_that_never_settles_reports_every_block():
+    run, _ = _faulting_call(set(range(1, 100)))
+    t = time_callable(run, warmup=1, repeats=3, min_run_time=0.0, settle=2)
+    assert t.warmup == 3  # 1 + settle
+    assert len(t.times) == 3 and t.faulted_blocks == t.times  # no clean block: all kept and flagged
+    assert t.page_faults is None
+
+
+def test_reserve_heap_touches_what_it_is_asked_for():
+    from attnkit.bench.timing import reserve_heap
+
+    assert reserve_heap(0) == 0
+    assert reserve_heap(8 * MiB) == 8 * MiB
 
 
 def test_forward_backward_closure_runs_backward_and_drops_grads():

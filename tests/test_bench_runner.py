@@ -126,7 +126,7 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
     assert pool_rounds([{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1, "other_load": 0.0},
                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1, "other_load": 0.2}]
                        ) == {"median": 2.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
-                             "other_load": 0.2, "process": "fresh",
+                             "other_load": 0.2, "page_faults": None, "process": "fresh",
                              "rounds": [{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1,
                                          "other_load": 0.0},
                                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1,

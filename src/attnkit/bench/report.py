@@ -137,7 +137,10 @@ def render_markdown(report: dict) -> str:
         f"{p['name']} (B={p['batch']}, Hq={p['hq']}, Hkv={p['hkv']}, D={p['d']}), N = S in {c['ns']}, non-causal, "
         f"no mask. Dtypes: {', '.join(c['dtypes'])}. Methods: {', '.join(c['methods'])}.", "",
         "## How it is measured", "",
-        f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s); median ± "
+        f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s), more until "
+        "a call takes no page faults (at most 8 more); calls slower than 50 ms are timed one per block and a block "
+        "that faulted pages in is re-taken (kept in results.json as `faulted_blocks`), since it timed the kernel "
+        "handing the process memory; median ± "
         f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s)"
         + (f" in each of {c['rounds']} fresh processes, pooled as the median of the processes' medians (± their "
            f"range), the later rounds in reverse order (largest N first) within the run budget: "

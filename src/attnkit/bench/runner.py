@@ -47,7 +47,7 @@ from .cases import (
 from .flops import counted_flops
 from .memory import forkserver_context, peak_memory_here, run_fresh
 from .scaling import fit_exponent, project
-from .timing import steady_allocator, timed_quietly
+from .timing import reserve_heap, steady_allocator, timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
 
@@ -238,25 +238,29 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     return row
 
 
-def _in_fresh_process(case: Case, cfg: Config, mem_ctx) -> tuple[dict | None, str | None]:
+def _in_fresh_process(case: Case, cfg: Config, mem_ctx, peak: int | None = None) -> tuple[dict | None, str | None]:
     """:func:`_case_in_child` in a fresh process (:func:`run_fresh`): (result, None) or (None, why)."""
-    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
+    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, peak, context=mem_ctx,
                      timeout=300 + 30 * cfg.time_budget_s, quiet=True)
 
 
-def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
+def _case_in_child(case: Case, seed: int, threads: int, cfg: Config, peak: int | None = None) -> dict:
     """One case in a fresh process of its own: first its peak memory (the first call, from
     the clean state; when ``cfg.memory``), then its time (:func:`timed_quietly`, after its
-    own warm-up), with the parent's thread count and the steady allocator."""
+    own warm-up), with the parent's thread count and the steady allocator.  Before timing,
+    twice the call's peak (measured here, or ``peak`` from an earlier round) is touched
+    once (:func:`reserve_heap`), so that the timed calls do not fault pages in."""
     steady_allocator()
     torch.set_num_threads(threads)
     fn = make_call(case, seed)
     out = {}
     if cfg.memory:
         out["memory"] = peak_memory_here(fn, device=case.device).as_dict()
+        peak = out["memory"].get("peak_bytes") or peak
     if cfg.timing:
         start = time.monotonic()
-        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start}
+        reserved = reserve_heap(2 * peak) if peak and case.device == "cpu" else 0
+        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start, "reserved_bytes": reserved}
     return out
 
 
@@ -276,7 +280,7 @@ def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, star
             if left is not None and left < row["time"]["rounds"][0].get("wall_s", 0.0) + 1.0:
                 row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
                 continue
-            got, why = _in_fresh_process(case, timing_only, mem_ctx)
+            got, why = _in_fresh_process(case, timing_only, mem_ctx, (row.get("memory") or {}).get("peak_bytes"))
             if why is None:
                 row["time"] = pool_rounds(row["time"]["rounds"] + [got["time"]])
                 row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
@@ -291,7 +295,9 @@ def pool_rounds(rounds: list[dict]) -> dict:
     loads = [r["other_load"] for r in rounds if r.get("other_load") is not None]
     return {"median": statistics.median(medians), "iqr": spread, "times": [t for r in rounds for t in r["times"]],
             "number_per_block": max(r["number_per_block"] for r in rounds), "warmup": sum(r["warmup"] for r in rounds),
-            "other_load": max(loads) if loads else None, "process": "fresh", "rounds": rounds}
+            "other_load": max(loads) if loads else None,
+            "page_faults": max((r["page_faults"] for r in rounds if r.get("page_faults") is not None), default=None),
+            "process": "fresh", "rounds": rounds}
 
 
 # -- accuracy ---------------------------------------------------------------------------
