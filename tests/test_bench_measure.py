@@ -114,14 +114,14 @@ def test_timing_returns_positive_median_and_iqr():
 
 
 def _faulting_call(fault_on: set[int], slow_s: float = 0.06):
-    """A slow call that writes 64 MiB of fresh memory (page faults) on the listed calls."""
-    calls = [0]
+    """A slow call that writes 16 MiB of fresh memory (page faults) on the listed calls; the
+    blocks are kept, so that no allocator can hand the same pages back."""
+    calls, kept = [0], []
 
     def run() -> None:
         calls[0] += 1
         if calls[0] in fault_on:
-            block = b"\x01" * (64 * MiB)  # a fresh mmap'd block, every page written
-            del block
+            kept.append(torch.ones(16 * MiB, dtype=torch.uint8))  # every page written
         time.sleep(slow_s)
 
     return run, calls

@@ -130,6 +130,37 @@ def test_search_clips_values_only():
     assert (err["search"] <= err["minmax"] + 1e-6).all() and err["search"].sum() < err["minmax"].sum()
 
 
+@pytest.mark.parametrize("first", [2, 5, 40])  # sinks filled in the first update, or across updates
+def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first):
+    sinks = 4
+    layer = QuantizedLayer(2, 16, 0, "minmax", 32, False, sinks)
+    k, v = _kv(s=77, offset=3.0)
+    k[:, :, 0] *= 20.0  # an outlier first key: quantized, it would widen its group's range
+    layer.update(k[:, :, :first], v[:, :, :first])
+    layer.update(k[:, :, first:], v[:, :, first:])
+    assert torch.equal(layer.sink_keys, k[:, :, :sinks]) and torch.equal(layer.sink_values, v[:, :, :sinks])
+    assert layer.key_codes.shape[2] == (77 - sinks) // 16 and layer.value_codes.shape[2] == 77 - sinks
+    k2, v2 = _kv(s=3, seed=1)
+    keep = torch.ones(2, 1, 3, 80, dtype=torch.bool)
+    keep[1, ..., :2] = False  # a padded sink and a padded quantized key
+    keep[0, ..., 9] = False
+    kv, vv = layer.update(k2, v2)
+    kd, vd = kv.materialize(), vv.materialize()
+    assert torch.equal(kd[:, :, :sinks], k[:, :, :sinks])  # the sinks come back exactly
+    q = torch.randn(2, 4, 3, 40, generator=torch.Generator().manual_seed(2))
+    out = cache_attention(q, kv, vv, is_causal=True, attn_mask=keep)
+    ref = attnkit.attention(q.double(), kd.double(), vd.double(), method="math",
+                            attn_mask=keep & torch.ones(3, 80, dtype=torch.bool).tril(77)).float()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # the outlier no longer sets the first key group's range: those keys quantize far better
+    plain = QuantizedLayer(2, 16, 0, "minmax", 32, False)
+    plain.update(k, v)
+    kp = plain.update(k2, v2)[0].materialize()
+    err = (kd[:, :, sinks:16] - k[:, :, sinks:16]).abs().max()
+    assert err < 0.2 * (kp[:, :, sinks:16] - k[:, :, sinks:16]).abs().max()
+    assert layer.nbytes() == _held_bytes(layer)
+
+
 def test_residual_only_regime_is_exact():
     layer = QuantizedLayer(2, 64, 200, "minmax", 64, False)  # nothing leaves full precision
     k, v = _kv(s=50)

@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
     g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
     g.add_argument("--min-run-time", type=float, help="least measured seconds per case and round (default 0.15; --quick 0.05; --full 0.5)")
-    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the median of their "
+    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the lowest of their "
                    "medians (default 2; --quick 1; --full 3)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")

@@ -24,7 +24,8 @@ of the group.  (a, b) = (0, 0) is min-max itself, so the search's error is never
 Codes are packed along the last dim, ``8 // bits`` per byte, "planar": a row of L codes
 is padded with zeros to ``L' = k·ceil(L/k)`` and byte j holds codes j, j + L'/k, …, in
 bit slots 0, bits, 2·bits, …; unpacking is then ``k`` shift-and-mask passes and one
-concatenation (no interleave).
+concatenation (no interleave), or, for products that can be reordered afterwards, one
+broadcast shift-and-mask (:func:`unpack_bytes`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["BITS", "SCALES", "dequantize", "pack", "quantize", "unpack", "unpack_slots"]
+__all__ = ["BITS", "SCALES", "code_order", "dequantize", "pack", "quantize", "unpack", "unpack_bytes"]
 
 BITS = (2, 4, 8)
 SCALES = ("minmax", "search")
@@ -86,16 +87,23 @@ def unpack(packed: Tensor, bits: int, length: int, dtype: torch.dtype = torch.ui
     return out if dtype == torch.uint8 else out.to(dtype)
 
 
-def unpack_slots(packed: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """The ``8 // bits`` slots of :func:`pack`'s layout, each (..., ceil(L·bits/8)) in ``dtype``:
-    slot i holds codes [i·L'/k, (i+1)·L'/k) of each row (L' = L padded to k codes per byte).
-
-    The fast paths multiply slot by slot and never concatenate the codes: a concatenation
-    along a last dim of 16-32 bytes runs at a fraction of memory speed.
+def unpack_bytes(packed: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Every code of :func:`pack`'s layout, byte by byte: (..., W) uint8 -> (..., W, k) in
+    ``dtype`` (k = 8 // bits), where [..., j, i] is slot i of byte j, i.e. code i·W + j of
+    the row.  Three whole-tensor passes (shift, mask, convert) for any bit width; the fast
+    paths multiply these as they are and reorder the (much smaller) products, so that the
+    codes are never concatenated or transposed.
     """
     per = _check_bits(bits)
-    mask = (1 << bits) - 1
-    return [((packed >> (bits * slot)) & mask if per > 1 else packed).to(dtype) for slot in range(per)]
+    if per == 1:
+        return packed[..., None].to(dtype)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (k,)
+    return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).to(dtype)
+
+
+def code_order(x: Tensor, per: int) -> Tensor:
+    """(..., W·k) in :func:`unpack_bytes`' byte-major order -> (..., k·W) in code order."""
+    return x.unflatten(-1, (-1, per)).transpose(-1, -2).flatten(-2)
 
 
 def _round_down_fp16(x: Tensor) -> Tensor:

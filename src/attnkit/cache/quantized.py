@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from .quant import BITS, SCALES, dequantize, pack, quantize, unpack, unpack_slots
+from .quant import BITS, SCALES, code_order, dequantize, pack, quantize, unpack, unpack_bytes
 from .layer import HeldTensorsLayer
 from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
@@ -24,9 +24,10 @@ DEFAULT_BLOCK = 1024  # cached tokens dequantized per step of the attention (a m
 class QuantizedSnapshot(Snapshot):
     """A :class:`QuantizedLayer`'s contents before one update, plus the new tokens.
 
-    Tokens [0, P) are cached: keys [0, nG·G) in packed groups, [nG·G, P) in full
-    precision; values [0, Lv) packed per token, [Lv, P) in full precision (Lv >= nG·G).
-    Tokens [P, P + N) are the new ones, in full precision.
+    Tokens [0, P) are cached: the first S (the sinks, S <= ``sinks``) in full precision;
+    then, counted from S, keys [0, nG·G) in packed groups, [nG·G, P − S) in full
+    precision, values [0, Lv) packed per token, [Lv, P − S) in full precision
+    (Lv >= nG·G).  Tokens [P, P + N) are the new ones, in full precision.
     """
 
     def __init__(self, layer: QuantizedLayer, k_new: Tensor, v_new: Tensor):
@@ -34,6 +35,8 @@ class QuantizedSnapshot(Snapshot):
         self.kc, self.ks, self.kl = layer.key_codes, layer.key_scale, layer.key_low  # (B, H, nG, D, ·)
         self.vc, self.vs, self.vl = layer.value_codes, layer.value_scale, layer.value_low  # (B, H, Lv, ng, ·)
         self.kr, self.vr = layer.key_residual, layer.value_residual  # (B, H, ·, D), (B, H, ·, Dv)
+        self.sk, self.sv = layer.sink_keys, layer.sink_values  # (B, H, S, D), (B, H, S, Dv)
+        self.offset = self.sk.shape[-2]  # the quantized part starts after the sinks
         self.k_new, self.v_new = k_new, v_new
         self.batch, self.heads, n, self.head_dim = k_new.shape
         self.value_dim = v_new.shape[-1]
@@ -68,12 +71,13 @@ class QuantizedSnapshot(Snapshot):
         """Scaled scores of qs (B, H, M, D) against key groups [g0, g1): (B, H, M, (g1−g0)·G).
 
         Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group: the codes are used as
-        they unpack, (D, G) per group, with no dequantization pass and no transpose; one
-        product per packing slot (slot i holds a contiguous run of each group's tokens)."""
+        they unpack, (D, W·k) per group in byte-major order (:func:`unpack_bytes`), in one
+        product; only the (M, W·k) scores are put back in token order."""
         s, low = self.ks[:, :, g0:g1].float(), self.kl[:, :, g0:g1].float()  # (B, H, nb, D)
         qsg = qs[:, :, None] * s[:, :, :, None, :]  # (B, H, nb, M, D)
-        parts = [torch.matmul(qsg, c) for c in unpack_slots(self.kc[:, :, g0:g1], self.bits)]  # (B, H, nb, M, G/k)
-        scores = torch.cat(parts, dim=-1)[..., : self.group] if len(parts) > 1 else parts[0][..., : self.group]
+        codes = unpack_bytes(self.kc[:, :, g0:g1], self.bits).flatten(-2)  # (B, H, nb, D, W·k)
+        scores = torch.matmul(qsg, codes)  # (B, H, nb, M, W·k), byte-major
+        scores = code_order(scores, 8 // self.bits)[..., : self.group]  # (B, H, nb, M, G)
         scores += torch.matmul(low, qs.transpose(-1, -2))[..., None]  # + q·low: (B, H, nb, M, 1)
         b, h, nb, m, g = scores.shape
         return scores.transpose(2, 3).reshape(b, h, m, nb * g)  # (B, H, M, L)
@@ -81,16 +85,17 @@ class QuantizedSnapshot(Snapshot):
     def _value_product(self, p: Tensor, t0: int, t1: int) -> Tensor:
         """p (B, H, M, L) times value rows [t0, t1): (B, H, M, Dv).
 
-        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group, slot by slot."""
+        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group, in one product
+        over the byte-major codes."""
         s, low = self.vs[:, :, t0:t1].float(), self.vl[:, :, t0:t1].float()  # (B, H, L, ng)
-        slots = unpack_slots(self.vc[:, :, t0:t1], self.bits)  # k × (B, H, L, ng, Gv/k)
+        codes = unpack_bytes(self.vc[:, :, t0:t1], self.bits).flatten(-2)  # (B, H, L, ng, W·k)
+        per = 8 // self.bits
         if s.shape[-1] == 1:  # one group per token (Gv = Dv): plain matmuls
-            ps = p * s[..., 0][:, :, None]  # (B, H, M, L)
-            out = torch.cat([torch.matmul(ps, c[:, :, :, 0]) for c in slots], dim=-1)[..., : self.vgroup]
-            out = out + torch.matmul(p, low)  # (B, H, M, Gv)
+            out = torch.matmul(p * s[..., 0][:, :, None], codes[:, :, :, 0])  # (B, H, M, W·k)
+            out = code_order(out, per)[..., : self.vgroup] + torch.matmul(p, low)  # (B, H, M, Gv)
         else:
             ps = p[..., None] * s[:, :, None]  # (B, H, M, L, ng)
-            out = torch.cat([torch.einsum("bhmlg,bhlgc->bhmgc", ps, c) for c in slots], dim=-1)[..., : self.vgroup]
+            out = code_order(torch.einsum("bhmlg,bhlgc->bhmgc", ps, codes), per)[..., : self.vgroup]
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
         return out[..., : self.value_dim]
 
@@ -99,12 +104,18 @@ class QuantizedSnapshot(Snapshot):
         state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
         step = max(1, self.block // self.group)  # groups per block
         qs = q * scale
+        off = self.offset
+        if off:
+            scores = torch.matmul(qs, self.sk.float().transpose(-1, -2))  # (B, H, G·N, S)
+            if keep is not None:
+                scores = scores.masked_fill(~keep[..., :off], float("-inf"))
+            state.add(scores, self.sv.float())
         for g0 in range(0, self.kc.shape[2], step):
             g1 = min(g0 + step, self.kc.shape[2])
             t0, t1 = g0 * self.group, g1 * self.group
             scores = self._key_scores(qs, g0, g1)  # (B, H, G·N, L)
             if keep is not None:
-                scores = scores.masked_fill(~keep[..., t0:t1], float("-inf"))
+                scores = scores.masked_fill(~keep[..., off + t0 : off + t1], float("-inf"))
             state.add(scores, pv=lambda p, t0=t0, t1=t1: self._value_product(p, t0, t1))
         k, v = self._tail()
         scores = torch.matmul(qs, k.transpose(-1, -2))  # (B, H, G·N, L)
@@ -121,6 +132,8 @@ class QuantizedSnapshot(Snapshot):
         k_tail, v_tail = self._tail()
         k = torch.cat([self.keys(0, ng), k_tail], dim=-2) if ng else k_tail
         v = torch.cat([self.values(0, ng * self.group), v_tail], dim=-2) if ng else v_tail
+        if self.offset:
+            k, v = torch.cat([self.sk.float(), k], dim=-2), torch.cat([self.sv.float(), v], dim=-2)
         return k.to(self.dtype), v.to(self.dtype)
 
 
@@ -134,20 +147,24 @@ class QuantizedLayer(HeldTensorsLayer):
       keys per channel, each group G consecutive tokens;
     * ``value_codes`` (B, H, Lv, ng, Gv·b/8) uint8, ``value_scale``/``value_low`` (B, H, Lv, ng)
       fp16: values per token, each group Gv channels;
-    * ``key_residual`` (B, H, P − nG·G, D), ``value_residual`` (B, H, P − Lv, Dv) in the
-      model's dtype: keys not yet in a full group or among the newest R, values among the
-      newest R.
+    * ``key_residual`` (B, H, P − S − nG·G, D), ``value_residual`` (B, H, P − S − Lv, Dv)
+      in the model's dtype: keys not yet in a full group or among the newest R, values
+      among the newest R;
+    * ``sink_keys`` (B, H, S, D), ``sink_values`` (B, H, S, Dv) in the model's dtype: the
+      first S = min(P, sinks) tokens, never quantized.
     """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
     _TENSORS = ("key_codes", "key_scale", "key_low", "value_codes", "value_scale", "value_low",
-                "key_residual", "value_residual")
+                "key_residual", "value_residual", "sink_keys", "sink_values")
 
-    def __init__(self, bits: int, group_size: int, residual: int, scale: str, block: int, materialize: bool):
+    def __init__(self, bits: int, group_size: int, residual: int, scale: str, block: int, materialize: bool,
+                 sinks: int = 0):
         super().__init__()
         self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
+        self.sinks = sinks
         self.block, self.materialize = block, materialize
         self.seen = 0
         for name in self._TENSORS:
@@ -167,6 +184,8 @@ class QuantizedLayer(HeldTensorsLayer):
         self.value_low = torch.empty(b, h, 0, ng, dtype=torch.float16, **kw)
         self.key_residual = key_states.new_empty(b, h, 0, d)
         self.value_residual = value_states.new_empty(b, h, 0, dv)
+        self.sink_keys = key_states.new_empty(b, h, 0, d)
+        self.sink_values = value_states.new_empty(b, h, 0, dv)
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
@@ -176,9 +195,14 @@ class QuantizedLayer(HeldTensorsLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         snap = QuantizedSnapshot(self, key_states, value_states)
+        self.seen += key_states.shape[-2]
+        take = min(self.sinks - self.sink_keys.shape[-2], key_states.shape[-2])
+        if take > 0:  # only while nothing else is held: the sinks are the first tokens
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
+            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
         self.key_residual = torch.cat([self.key_residual, key_states], dim=-2)
         self.value_residual = torch.cat([self.value_residual, value_states], dim=-2)
-        self.seen += key_states.shape[-2]
         self._flush()
         if self.materialize:
             return snap.materialize()
@@ -248,6 +272,10 @@ class QuantizedCache(Cache):
         bits: 4, 2 or 8 bits per code.
         group_size: G, tokens per key group and (at most) channels per value group.
         residual: R >= 0, the newest tokens kept in full precision.
+        sinks: the first S tokens kept in full precision for good (attention sinks, Xiao et
+            al. 2023): a model puts much of its attention on them, and the first token's key
+            is an outlier that would widen its whole key group's range.  S·2·(D+Dv) numbers
+            in the model's dtype.
         scale: ``"minmax"`` or ``"search"`` (adaptive: per value group, the clipped range with
             the least squared error; see :func:`attnkit.cache.quant.quantize`).  Keys stay
             min-max under ``"search"`` (the outlier-aware rule): a key channel's extreme
@@ -283,18 +311,20 @@ class QuantizedCache(Cache):
         residual: int = 0,
         scale: str = "minmax",
         *,
+        sinks: int = 0,
         block: int = DEFAULT_BLOCK,
         materialize: bool = False,
     ):
         if bits not in BITS:
             raise ValueError(f"QuantizedCache: argument 'bits' must be one of {BITS}, got {bits!r}")
-        for name, value, low in (("group_size", group_size, 1), ("residual", residual, 0), ("block", block, 1)):
+        for name, value, low in (("group_size", group_size, 1), ("residual", residual, 0), ("sinks", sinks, 0),
+                                 ("block", block, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"QuantizedCache: argument {name!r} must be an int >= {low}, got {value!r}")
         if scale not in SCALES:
             raise ValueError(f"QuantizedCache: argument 'scale' must be one of {SCALES}, got {scale!r}")
-        self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
-        layer = functools.partial(QuantizedLayer, bits, group_size, residual, scale, block, bool(materialize))
+        self.bits, self.group_size, self.residual, self.scale, self.sinks = bits, group_size, residual, scale, sinks
+        layer = functools.partial(QuantizedLayer, bits, group_size, residual, scale, block, bool(materialize), sinks)
         super().__init__(layer_class_to_replicate=layer)
 
     def nbytes(self) -> int:
@@ -303,4 +333,4 @@ class QuantizedCache(Cache):
 
     def __repr__(self) -> str:
         return (f"QuantizedCache(bits={self.bits}, group_size={self.group_size}, residual={self.residual}, "
-                f"scale={self.scale!r}, layers={len(self.layers)}, tokens={self.get_seq_length()})")
+                f"scale={self.scale!r}, sinks={self.sinks}, layers={len(self.layers)}, tokens={self.get_seq_length()})")
