@@ -3,7 +3,9 @@ benchmark's handling of skipped cases."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import mmap
 import json
 import os
 import sys
@@ -121,7 +123,9 @@ def _faulting_call(fault_on: set[int], slow_s: float = 0.06):
     def run() -> None:
         calls[0] += 1
         if calls[0] in fault_on:
-            kept.append(torch.ones(16 * MiB, dtype=torch.uint8))  # every page written
+            block = mmap.mmap(-1, 16 * MiB)  # fresh pages from the kernel, whatever malloc holds
+            ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(block)), 1, 16 * MiB)  # every page written
+            kept.append(block)
         time.sleep(slow_s)
 
     return run, calls
