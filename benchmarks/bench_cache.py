@@ -154,8 +154,10 @@ def perplexity(model, ids: torch.Tensor, cache, chunk: int) -> float:
 
 @torch.no_grad()
 def generate(model, ids: torch.Tensor, cache, n: int) -> torch.Tensor:
-    out = model.generate(ids, cache=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, ids.shape[1] :]
+    """Greedy continuation of a batch of equal-length prompts (B, P) -> (B, n) new tokens."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False)
+    return out[:, ids.shape[1] :]
 
 
 @torch.no_grad()
@@ -283,10 +285,9 @@ def main(argv=None) -> None:
     outs = {}
     for name in ["full"] + [f"q{b}-{s}" for b, s in QUANT] + ["memory"]:
         use(model, name)
-        outs[name] = [generate(model, ids, make_cache(name, cfg, mem_args), args.new_tokens) for ids in prompts]
+        outs[name] = generate(model, torch.cat(prompts), make_cache(name, cfg, mem_args), args.new_tokens)
         print(f"generation {name} ({time.perf_counter() - start:.0f} s)", flush=True)
-    agreement = {name: sum((o == r).sum().item() for o, r in zip(outs[name], outs["full"])) / (
-        args.prompts * args.new_tokens) for name in outs if name != "full"}
+    agreement = {name: (outs[name] == outs["full"]).float().mean().item() for name in outs if name != "full"}
     res["generation"] = {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                          "agreement": agreement}
 

@@ -27,6 +27,7 @@ from attnkit.cache import (
     unpack,
 )
 from attnkit.cache.memory import MemoryLayer
+from attnkit.cache.quant import code_order, unpack_bytes
 from attnkit.cache.quantized import QuantizedLayer
 from attnkit.ops.performer import positive_features, projection_matrix
 
@@ -56,6 +57,10 @@ def test_pack_round_trip(bits, length):
     assert packed.dtype == torch.uint8 and packed.shape[-1] == math.ceil(length * bits / 8)
     assert torch.equal(unpack(packed, bits, length), codes)
     assert torch.equal(unpack(packed, bits, length, torch.float32), codes.float())
+    # byte-major unpacking, put back in code order, gives the same codes (and the padding zeros)
+    per = 8 // bits
+    flat = code_order(unpack_bytes(packed, bits).flatten(-2), per)
+    assert torch.equal(flat[..., :length], codes.float()) and not flat[..., length:].any()
 
 
 def test_pack_refuses_bad_arguments():
@@ -141,7 +146,7 @@ def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first):
     assert torch.equal(layer.sink_keys, k[:, :, :sinks]) and torch.equal(layer.sink_values, v[:, :, :sinks])
     assert layer.key_codes.shape[2] == (77 - sinks) // 16 and layer.value_codes.shape[2] == 77 - sinks
     k2, v2 = _kv(s=3, seed=1)
-    keep = torch.ones(2, 1, 3, 80, dtype=torch.bool)
+    keep = torch.ones(2, 1, 1, 80, dtype=torch.bool)
     keep[1, ..., :2] = False  # a padded sink and a padded quantized key
     keep[0, ..., 9] = False
     kv, vv = layer.update(k2, v2)
