@@ -105,8 +105,10 @@ def test_search_never_worse_than_minmax(bits):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("scale", ["minmax", "search"])
-@pytest.mark.parametrize("dv", [40, 24])
-def test_cache_attention_equals_attention_over_dequantized(bits, scale, dv):
+@pytest.mark.parametrize("dv", [40, 24, 16])  # 16: one value group per token, where decoding takes two passes
+@pytest.mark.parametrize("two_pass_max", [0, 1 << 30])  # the online merge, or the two-pass path where it applies
+def test_cache_attention_equals_attention_over_dequantized(bits, scale, dv, two_pass_max, monkeypatch):
+    monkeypatch.setattr("attnkit.cache.quantized.TWO_PASS_MAX", two_pass_max)
     layer = QuantizedLayer(bits, 16, 3, scale, 32, False)  # blocks of 2 groups: several blocks + tail
     k, v = _kv(s=77, dv=dv, offset=3.0)
     layer.update(k, v)
@@ -136,16 +138,19 @@ def test_search_clips_values_only():
 
 
 @pytest.mark.parametrize("first", [2, 5, 40])  # sinks filled in the first update, or across updates
-def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first):
+@pytest.mark.parametrize("dv", [40, 16])
+@pytest.mark.parametrize("two_pass_max", [0, 1 << 30])
+def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first, dv, two_pass_max, monkeypatch):
+    monkeypatch.setattr("attnkit.cache.quantized.TWO_PASS_MAX", two_pass_max)
     sinks = 4
     layer = QuantizedLayer(2, 16, 0, "minmax", 32, False, sinks)
-    k, v = _kv(s=77, offset=3.0)
+    k, v = _kv(s=77, dv=dv, offset=3.0)
     k[:, :, 0] *= 20.0  # an outlier first key: quantized, it would widen its group's range
     layer.update(k[:, :, :first], v[:, :, :first])
     layer.update(k[:, :, first:], v[:, :, first:])
     assert torch.equal(layer.sink_keys, k[:, :, :sinks]) and torch.equal(layer.sink_values, v[:, :, :sinks])
     assert layer.key_codes.shape[2] == (77 - sinks) // 16 and layer.value_codes.shape[2] == 77 - sinks
-    k2, v2 = _kv(s=3, seed=1)
+    k2, v2 = _kv(s=3, dv=dv, seed=1)
     keep = torch.ones(2, 1, 1, 80, dtype=torch.bool)
     keep[1, ..., :2] = False  # a padded sink and a padded quantized key
     keep[0, ..., 9] = False

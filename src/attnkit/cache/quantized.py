@@ -19,6 +19,7 @@ from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 __all__ = ["QuantizedCache", "QuantizedLayer", "QuantizedSnapshot"]
 
 DEFAULT_BLOCK = 1024  # cached tokens dequantized per step of the attention (a multiple of the group)
+TWO_PASS_MAX = 1 << 20  # scores (B·H·rows·keys) up to which a call takes the two-pass path (4 MiB fp32)
 
 
 class QuantizedSnapshot(Snapshot):
@@ -99,8 +100,60 @@ class QuantizedSnapshot(Snapshot):
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
         return out[..., : self.value_dim]
 
+    def _new_scores(self, qs: Tensor, k: Tensor, is_causal: bool) -> Tensor:
+        """Scores against the full-precision tail k (its last N keys are the new tokens)."""
+        n = self.k_new.shape[-2]
+        scores = torch.matmul(qs, k.transpose(-1, -2))  # (B, H, G·N, L)
+        if is_causal and n > 1:
+            new = scores[..., -n:]
+            new.masked_fill_(~new_token_keep(n, qs.shape[-2] // n, qs.device), float("-inf"))
+        return scores
+
+    def _attend_two_pass(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
+        """:meth:`attend` for few rows (decoding): every score first -- the (rows, keys)
+        scores are small, the codes are still unpacked one block at a time -- then one
+        softmax and the value products block by block.  Fewer, larger operations than the
+        online merge: scales converted once for the whole cache, the byte-major products
+        put back in token order once (summed over value blocks before, as the reordering
+        is linear), no per-block rescaling."""
+        b, h, m, _ = qs.shape
+        off, ng, g, per = self.offset, self.kc.shape[2], self.group, 8 // self.bits
+        step = max(1, self.block // g)
+        parts = [torch.matmul(qs, self.sk.float().transpose(-1, -2))] if off else []
+        if ng:
+            qsg = qs[:, :, None] * self.ks.float()[:, :, :, None, :]  # (B, H, nG, M, D)
+            blocks = [torch.matmul(qsg[:, :, g0 : g0 + step],
+                                   unpack_bytes(self.kc[:, :, g0 : g0 + step], self.bits).flatten(-2))
+                      for g0 in range(0, ng, step)]  # (B, H, nb, M, W·k) each, byte-major
+            sq = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
+            sq = code_order(sq, per)[..., :g] + torch.matmul(self.kl.float(), qs.transpose(-1, -2))[..., None]
+            parts.append(sq.transpose(2, 3).reshape(b, h, m, ng * g))  # (B, H, M, nG·G)
+        k, v = self._tail()
+        parts.append(self._new_scores(qs, k, is_causal))
+        scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, H, M, S)
+        if keep is not None:
+            scores = scores.masked_fill(~keep, float("-inf"))
+        mx = scores.amax(dim=-1, keepdim=True)
+        p = torch.exp(scores - torch.where(mx == float("-inf"), 0.0, mx))  # 0 where masked
+        den = p.sum(dim=-1, keepdim=True)
+        out = torch.matmul(p[..., self.length - k.shape[-2] :], v)  # the tail
+        if off:
+            out += torch.matmul(p[..., :off], self.sv.float())
+        lq = ng * g  # values [0, lq) are read packed here; the rest of the packed ones are in the tail
+        if lq:
+            pq = p[..., off : off + lq]  # (B, H, M, Lq)
+            vs, vl = self.vs[:, :, :lq, 0].float(), self.vl[:, :, :lq].float()  # (B, H, Lq), (B, H, Lq, 1)
+            ps = pq * vs[:, :, None]  # (B, H, M, Lq)
+            acc = sum(torch.matmul(ps[..., t0 : t0 + step * g],
+                                   unpack_bytes(self.vc[:, :, t0 : min(t0 + step * g, lq), 0], self.bits).flatten(-2))
+                      for t0 in range(0, lq, step * g))  # (B, H, M, W·k), byte-major
+            out += code_order(acc, per)[..., : self.value_dim] + torch.matmul(pq, vl)
+        return out / torch.where(den > 0, den, 1.0)
+
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
         n = self.k_new.shape[-2]
+        if self.vs.shape[-1] == 1 and q.shape[0] * q.shape[1] * q.shape[2] * self.length <= TWO_PASS_MAX:
+            return self._attend_two_pass(q * scale, is_causal=is_causal, keep=keep)
         state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
         step = max(1, self.block // self.group)  # groups per block
         qs = q * scale
@@ -118,10 +171,7 @@ class QuantizedSnapshot(Snapshot):
                 scores = scores.masked_fill(~keep[..., off + t0 : off + t1], float("-inf"))
             state.add(scores, pv=lambda p, t0=t0, t1=t1: self._value_product(p, t0, t1))
         k, v = self._tail()
-        scores = torch.matmul(qs, k.transpose(-1, -2))  # (B, H, G·N, L)
-        if is_causal and n > 1:
-            new = scores[..., -n:]
-            new.masked_fill_(~new_token_keep(n, q.shape[-2] // n, q.device), float("-inf"))
+        scores = self._new_scores(qs, k, is_causal)  # (B, H, G·N, L)
         if keep is not None:
             scores = scores.masked_fill(~keep[..., self.length - k.shape[-2] :], float("-inf"))
         state.add(scores, v)
