@@ -29,7 +29,6 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace

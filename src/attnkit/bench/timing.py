@@ -26,6 +26,11 @@ from torch.utils.benchmark import Timer
 from torch.utils.benchmark.utils import common
 from torch.utils.benchmark.utils.timer import timer as device_timer
 
+try:
+    import resource  # page-fault counts (Unix)
+except ImportError:  # Windows
+    resource = None
+
 __all__ = [
     "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
     "steady_allocator", "reserve_heap",
@@ -121,18 +126,13 @@ def time_callable(
     # little less than `repeats` calls' worth stops it after about `repeats` blocks of
     # a slow callable instead of after one.
     run_time = max(min_run_time, (repeats - 0.5) * estimate)
-    timer = Timer(
-        stmt="fn()",
-        globals={"fn": fn},
-        num_threads=torch.get_num_threads() if num_threads is None else num_threads,
-        label=label,
-    )
+    threads = torch.get_num_threads() if num_threads is None else num_threads
     before = _cpu_snapshot()
     if estimate >= SLOW_CALL_S and _minor_faults() is not None:
         # one call per block; a block that faulted pages in is re-taken (up to `settle`
         # times) -- it timed the kernel handing the process memory, not the call
         times, faults, dropped = [], 0, []
-        with common.set_torch_threads(torch.get_num_threads() if num_threads is None else num_threads):
+        with common.set_torch_threads(threads):
             while (len(times) < max(repeats, 3) or sum(times) < min_run_time) and len(dropped) <= settle:
                 f0, start = _minor_faults(), device_timer()  # device_timer synchronises an accelerator
                 fn()
@@ -146,6 +146,7 @@ def time_callable(
             times, faults = times + dropped, None
         number, per_call = 1, None if faults is None else faults / len(times)
     else:
+        timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
         f0 = _minor_faults()
         m = timer.blocked_autorange(min_run_time=run_time)
         f1 = _minor_faults()
@@ -208,9 +209,7 @@ SLOW_CALL_S = 0.05  # calls at least this slow are timed one per block, faulting
 
 def _minor_faults() -> int | None:
     """Minor page faults of this process so far (None where ``resource`` is unavailable)."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 

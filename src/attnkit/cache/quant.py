@@ -23,9 +23,9 @@ of the group.  (a, b) = (0, 0) is min-max itself, so the search's error is never
 
 Codes are packed along the last dim, ``8 // bits`` per byte, "planar": a row of L codes
 is padded with zeros to ``L' = k·ceil(L/k)`` and byte j holds codes j, j + L'/k, …, in
-bit slots 0, bits, 2·bits, …; unpacking is then ``k`` shift-and-mask passes and one
-concatenation (no interleave), or, for products that can be reordered afterwards, one
-broadcast shift-and-mask (:func:`unpack_bytes`).
+bit slots 0, bits, 2·bits, …; :func:`unpack_bytes` takes every byte's slots apart in
+whole-tensor passes (byte-major order), which the fast paths multiply as they are and
+:func:`unpack` puts back in code order (:func:`code_order`).
 """
 
 from __future__ import annotations
@@ -81,20 +81,16 @@ def unpack(packed: Tensor, bits: int, length: int, dtype: torch.dtype = torch.ui
     if per == 1:
         out = packed[..., :length]
         return out if dtype == torch.uint8 else out.to(dtype)
-    mask = (1 << bits) - 1
-    parts = [packed & mask] + [(packed >> (bits * slot)) & mask for slot in range(1, per)]
-    out = torch.cat(parts, dim=-1)  # (..., per·row)
-    if out.shape[-1] != length:
-        out = out[..., :length]
-    return out if dtype == torch.uint8 else out.to(dtype)
+    return code_order(unpack_bytes(packed, bits, dtype).flatten(-2), per)[..., :length]
 
 
 def unpack_bytes(packed: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Every code of :func:`pack`'s layout, byte by byte: (..., W) uint8 -> (..., W, k) in
     ``dtype`` (k = 8 // bits), where [..., j, i] is slot i of byte j, i.e. code i·W + j of
-    the row.  Three whole-tensor passes (shift, mask, convert) for any bit width; the fast
-    paths multiply these as they are and reorder the (much smaller) products, so that the
-    codes are never concatenated or transposed.
+    the row.  A few whole-tensor passes over int32 words where the row allows (a broadcast
+    shift, a mask and a conversion; for 4 bits two masked copies and a stack), uint8
+    shifts otherwise; the fast paths multiply these as they are and reorder the (much
+    smaller) products, so that the codes are never concatenated or transposed.
     """
     per = _check_bits(bits)
     if per == 1:

@@ -151,12 +151,11 @@ class QuantizedSnapshot(Snapshot):
         return out / torch.where(den > 0, den, 1.0)
 
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
-        n = self.k_new.shape[-2]
+        qs = q * scale
         if self.vs.shape[-1] == 1 and q.shape[0] * q.shape[1] * q.shape[2] * self.length <= TWO_PASS_MAX:
-            return self._attend_two_pass(q * scale, is_causal=is_causal, keep=keep)
+            return self._attend_two_pass(qs, is_causal=is_causal, keep=keep)
         state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
         step = max(1, self.block // self.group)  # groups per block
-        qs = q * scale
         off = self.offset
         if off:
             scores = torch.matmul(qs, self.sk.float().transpose(-1, -2))  # (B, H, G·N, S)
