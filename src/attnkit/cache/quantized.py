@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from .quant import BITS, SCALES, code_order, dequantize, pack, quantize, unpack, unpack_bytes
+from .quant import BITS, SCALES, code_matmul, code_order, dequantize, pack, quantize, unpack, unpack_bytes
 from .layer import HeldTensorsLayer
 from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
@@ -72,13 +72,11 @@ class QuantizedSnapshot(Snapshot):
         """Scaled scores of qs (B, H, M, D) against key groups [g0, g1): (B, H, M, (g1−g0)·G).
 
         Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group: the codes are used as
-        they unpack, (D, W·k) per group in byte-major order (:func:`unpack_bytes`), in one
-        product; only the (M, W·k) scores are put back in token order."""
+        they unpack (:func:`code_matmul`); only the (M, W·k) scores are put back in token
+        order."""
         s, low = self.ks[:, :, g0:g1].float(), self.kl[:, :, g0:g1].float()  # (B, H, nb, D)
         qsg = qs[:, :, None] * s[:, :, :, None, :]  # (B, H, nb, M, D)
-        codes = unpack_bytes(self.kc[:, :, g0:g1], self.bits).flatten(-2)  # (B, H, nb, D, W·k)
-        scores = torch.matmul(qsg, codes)  # (B, H, nb, M, W·k), byte-major
-        scores = code_order(scores, 8 // self.bits)[..., : self.group]  # (B, H, nb, M, G)
+        scores = code_matmul(qsg, self.kc[:, :, g0:g1], self.bits)[..., : self.group]  # (B, H, nb, M, G)
         scores += torch.matmul(low, qs.transpose(-1, -2))[..., None]  # + q·low: (B, H, nb, M, 1)
         b, h, nb, m, g = scores.shape
         return scores.transpose(2, 3).reshape(b, h, m, nb * g)  # (B, H, M, L)
@@ -86,15 +84,15 @@ class QuantizedSnapshot(Snapshot):
     def _value_product(self, p: Tensor, t0: int, t1: int) -> Tensor:
         """p (B, H, M, L) times value rows [t0, t1): (B, H, M, Dv).
 
-        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group, in one product
-        over the byte-major codes."""
+        Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low per channel group, the codes used as
+        they unpack (:func:`code_matmul`)."""
         s, low = self.vs[:, :, t0:t1].float(), self.vl[:, :, t0:t1].float()  # (B, H, L, ng)
-        codes = unpack_bytes(self.vc[:, :, t0:t1], self.bits).flatten(-2)  # (B, H, L, ng, W·k)
-        per = 8 // self.bits
         if s.shape[-1] == 1:  # one group per token (Gv = Dv): plain matmuls
-            out = torch.matmul(p * s[..., 0][:, :, None], codes[:, :, :, 0])  # (B, H, M, W·k)
-            out = code_order(out, per)[..., : self.vgroup] + torch.matmul(p, low)  # (B, H, M, Gv)
+            out = code_matmul(p * s[..., 0][:, :, None], self.vc[:, :, t0:t1, 0], self.bits)  # (B, H, M, W·k)
+            out = out[..., : self.vgroup] + torch.matmul(p, low)  # (B, H, M, Gv)
         else:
+            codes = unpack_bytes(self.vc[:, :, t0:t1], self.bits).flatten(-2)  # (B, H, L, ng, W·k)
+            per = 8 // self.bits
             ps = p[..., None] * s[:, :, None]  # (B, H, M, L, ng)
             out = code_order(torch.einsum("bhmlg,bhlgc->bhmgc", ps, codes), per)[..., : self.vgroup]
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
@@ -113,20 +111,18 @@ class QuantizedSnapshot(Snapshot):
         """:meth:`attend` for few rows (decoding): every score first -- the (rows, keys)
         scores are small, the codes are still unpacked one block at a time -- then one
         softmax and the value products block by block.  Fewer, larger operations than the
-        online merge: scales converted once for the whole cache, the byte-major products
-        put back in token order once (summed over value blocks before, as the reordering
-        is linear), no per-block rescaling."""
+        online merge: scales converted once for the whole cache, the value products summed
+        over blocks, no per-block rescaling."""
         b, h, m, _ = qs.shape
-        off, ng, g, per = self.offset, self.kc.shape[2], self.group, 8 // self.bits
+        off, ng, g = self.offset, self.kc.shape[2], self.group
         step = max(1, self.block // g)
         parts = [torch.matmul(qs, self.sk.float().transpose(-1, -2))] if off else []
         if ng:
             qsg = qs[:, :, None] * self.ks.float()[:, :, :, None, :]  # (B, H, nG, M, D)
-            blocks = [torch.matmul(qsg[:, :, g0 : g0 + step],
-                                   unpack_bytes(self.kc[:, :, g0 : g0 + step], self.bits).flatten(-2))
-                      for g0 in range(0, ng, step)]  # (B, H, nb, M, W·k) each, byte-major
+            blocks = [code_matmul(qsg[:, :, g0 : g0 + step], self.kc[:, :, g0 : g0 + step], self.bits)
+                      for g0 in range(0, ng, step)]  # (B, H, nb, M, W·k) each
             sq = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
-            sq = code_order(sq, per)[..., :g] + torch.matmul(self.kl.float(), qs.transpose(-1, -2))[..., None]
+            sq = sq[..., :g] + torch.matmul(self.kl.float(), qs.transpose(-1, -2))[..., None]
             parts.append(sq.transpose(2, 3).reshape(b, h, m, ng * g))  # (B, H, M, nG·G)
         k, v = self._tail()
         parts.append(self._new_scores(qs, k, is_causal))
@@ -144,10 +140,9 @@ class QuantizedSnapshot(Snapshot):
             pq = p[..., off : off + lq]  # (B, H, M, Lq)
             vs, vl = self.vs[:, :, :lq, 0].float(), self.vl[:, :, :lq].float()  # (B, H, Lq), (B, H, Lq, 1)
             ps = pq * vs[:, :, None]  # (B, H, M, Lq)
-            acc = sum(torch.matmul(ps[..., t0 : t0 + step * g],
-                                   unpack_bytes(self.vc[:, :, t0 : min(t0 + step * g, lq), 0], self.bits).flatten(-2))
-                      for t0 in range(0, lq, step * g))  # (B, H, M, W·k), byte-major
-            out += code_order(acc, per)[..., : self.value_dim] + torch.matmul(pq, vl)
+            acc = sum(code_matmul(ps[..., t0 : t0 + step * g], self.vc[:, :, t0 : min(t0 + step * g, lq), 0], self.bits)
+                      for t0 in range(0, lq, step * g))  # (B, H, M, W·k)
+            out += acc[..., : self.value_dim] + torch.matmul(pq, vl)
         return out / torch.where(den > 0, den, 1.0)
 
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
