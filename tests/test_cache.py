@@ -27,7 +27,7 @@ from attnkit.cache import (
     unpack,
 )
 from attnkit.cache.memory import MemoryLayer
-from attnkit.cache.quant import code_order, unpack_bytes
+from attnkit.cache.quant import code_matmul, code_order, unpack_bytes
 from attnkit.cache.quantized import QuantizedLayer
 from attnkit.ops.performer import positive_features, projection_matrix
 
@@ -61,6 +61,21 @@ def test_pack_round_trip(bits, length):
     per = 8 // bits
     flat = code_order(unpack_bytes(packed, bits).flatten(-2), per)
     assert torch.equal(flat[..., :length], codes.float()) and not flat[..., length:].any()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("length", [3, 33, 64, 128])
+def test_code_matmul_equals_product_with_the_codes(bits, length):
+    """The fast paths' product over packed codes, on int32-aligned rows (the word paths),
+    odd rows, and a row view whose storage is not 4-byte aligned."""
+    gen = torch.Generator().manual_seed(bits * 1000 + length)
+    codes = torch.randint(0, 1 << bits, (2, 3, 16, length), dtype=torch.uint8, generator=gen)
+    packed = pack(codes, bits)  # (2, 3, K=16, W)
+    a = torch.randn(2, 3, 5, 16, generator=gen, dtype=torch.float64)
+    full = unpack(packed, bits, packed.shape[-1] * (8 // bits), torch.float64)  # padding codes too
+    assert torch.allclose(code_matmul(a, packed, bits), a @ full)
+    shifted = torch.cat([packed.new_zeros(2, 3, 16, 1), packed], dim=-1)[..., 1:]  # same rows, storage offset 1
+    assert torch.allclose(code_matmul(a, shifted, bits), a @ full)
 
 
 def test_pack_refuses_bad_arguments():
