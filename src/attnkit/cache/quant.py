@@ -84,6 +84,18 @@ def unpack(packed: Tensor, bits: int, length: int, dtype: torch.dtype = torch.ui
     return code_order(unpack_bytes(packed, bits, dtype).flatten(-2), per)[..., :length]
 
 
+def _words(packed: Tensor) -> Tensor | None:
+    """packed (..., W) uint8 viewed as (..., W/4) int32 words, byte b of a word its bits
+    8b..8b+7; None where the rows do not allow it (W not a multiple of 4, storage not
+    4-byte aligned, a big-endian machine)."""
+    if sys.byteorder != "little" or packed.shape[-1] % 4:
+        return None
+    try:
+        return packed.view(torch.int32)
+    except RuntimeError:  # not aligned to 4 bytes
+        return None
+
+
 def unpack_bytes(packed: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Every code of :func:`pack`'s layout, byte by byte: (..., W) uint8 -> (..., W, k) in
     ``dtype`` (k = 8 // bits), where [..., j, i] is slot i of byte j, i.e. code i·W + j of
@@ -96,12 +108,7 @@ def unpack_bytes(packed: Tensor, bits: int, dtype: torch.dtype = torch.float32) 
     if per == 1:
         return packed[..., None].to(dtype)
     mask = (1 << bits) - 1
-    words = None
-    if sys.byteorder == "little" and packed.shape[-1] % 4 == 0:
-        try:  # four bytes at a time: int32 shifts vectorise, uint8 ones do not
-            words = packed.view(torch.int32)  # (..., W/4); byte b of a word is its bits 8b..8b+7
-        except RuntimeError:  # not aligned to 4 bytes
-            pass
+    words = _words(packed)  # four bytes at a time: int32 shifts vectorise, uint8 ones do not
     if words is None:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (k,)
         return ((packed[..., None] >> shifts) & mask).to(dtype)
@@ -138,16 +145,11 @@ def code_matmul(a: Tensor, packed: Tensor, bits: int) -> Tensor:
     if per == 2:
         low, high = (packed & 0x0F).to(a.dtype), (packed >> 4).to(a.dtype)
         return torch.cat([torch.matmul(a, low), torch.matmul(a, high)], dim=-1)
-    words = None
-    if sys.byteorder == "little" and packed.shape[-1] % 4 == 0:
-        try:
-            words = packed.view(torch.int32)  # (..., K, W/4)
-        except RuntimeError:  # not aligned to 4 bytes
-            pass
+    words = _words(packed)  # (..., K, W/4)
     if words is None:
         return code_order(torch.matmul(a, unpack_bytes(packed, bits, a.dtype).flatten(-2)), per)
     shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device).view(per, *[1] * words.dim())
-    planes = (words >> shifts).bitwise_and_(0x03030303).view(torch.uint8)  # (k, ..., K, W)
+    planes = (words >> shifts).bitwise_and_(((1 << bits) - 1) * 0x01010101).view(torch.uint8)  # (k, ..., K, W)
     return torch.matmul(a, planes.to(a.dtype)).movedim(0, -2).flatten(-2)  # (k, ..., M, W) -> (..., M, k·W)
 
 
