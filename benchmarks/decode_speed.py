@@ -1,10 +1,10 @@
 """Decode speed only (the last table of bench_cache.py, without its hours of perplexity runs).
 
-    python benchmarks/decode_speed.py [--context 4096] [--rounds 2] [--caches full q4-minmax-s4 q2-minmax-s4]
+    cd benchmarks && python decode_speed.py [--context 4096] [--rounds 3] [--caches full q4-minmax-s4 q2-minmax-s4]
 
-Each round runs every cache once, interleaved (bench_cache.decode_speed: a prefill of
-``--context`` tokens of Pride & Prejudice, then 32 greedy decode steps); prints each
-round's tokens/s, the best of the rounds against the full-precision cache's best (the
+The same runs as bench_cache.py's speed table (bench_cache.speed_rounds: every cache once
+per round, interleaved, each a prefill of ``--context`` tokens of Persuasion and 32 greedy
+decode steps); prints the best of the rounds against the full-precision cache's best (the
 convention of cache_cpu.md's table) and each round against the same round's full cache.
 """
 
@@ -22,19 +22,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--caches", nargs="+", default=["full", "q4-minmax-s4", "q2-minmax-s4"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--caches", nargs="+", default=list(bc.SPEED_CACHES))
     args = p.parse_args(argv)
+    if "full" not in args.caches:
+        p.error("argument --caches: must include 'full', the cache the others are compared with")
     torch.manual_seed(0)
     model, tok = data.load_smollm2()
-    ids = bc.tokens_of(tok, data.austen_novels()["Pride & Prejudice"], args.context, start=20_000)
-    runs: dict[str, list[float]] = {name: [] for name in args.caches}
-    for r in range(args.rounds):
-        for name in args.caches:
-            bc.use(model, name)
-            runs[name].append(bc.decode_speed(model, ids, bc.make_cache(name, model.config, {}), args.steps))
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in runs.items()), flush=True)
-    full = runs.get("full", [1.0] * args.rounds)
+    ids = bc.speed_ids(tok, data.austen_novels(), args.context)
+    runs = bc.speed_rounds(model, ids, args.caches, args.rounds, args.steps, {})
+    full = runs["full"]
     for name, v in runs.items():
         print(f"{name}: best {max(v):.2f} tok/s ({max(v) / max(full):.3f}x of the best full); each round against "
               "that round's full: " + ", ".join(f"{x / f:.3f}x" for x, f in zip(v, full)))
