@@ -36,11 +36,24 @@ from attnkit import data
 from attnkit.bench.machine import cpu_model
 
 QUANT = [(4, "minmax", 0), (4, "search", 0), (2, "minmax", 0), (2, "search", 0), (4, "minmax", 4), (2, "minmax", 4),
-         (2, "search", 4)]  # (bits, scale, sinks)
+         (2, "search", 4), (2, "minmax", 4, "plan")]  # (bits, scale, sinks[, "plan": key_bits fitted by key_bit_plan])
+PLAN_BOOK, PLAN_TOKENS = "Emma", 2048  # the calibration text of the key bit plans: not a book the tables measure
+PLANS: dict[int, list] = {}  # bits -> key bit plan, fitted once per run by fit_plans()
 
 
-def quant_name(bits: int, scale: str, sinks: int) -> str:
-    return f"q{bits}-{scale}" + (f"-s{sinks}" if sinks else "")
+def quant_name(bits: int, scale: str, sinks: int, plan: str = "") -> str:
+    return f"q{bits}-{scale}" + (f"-s{sinks}" if sinks else "") + (f"-{plan}" if plan else "")
+
+
+def fit_plans(model, tok, books: dict) -> dict:
+    """Fit the key bit plan of every planned cache in QUANT (into PLANS); returns what was done."""
+    start = time.perf_counter()
+    ids = tokens_of(tok, books[PLAN_BOOK], PLAN_TOKENS, start=20_000)
+    for bits in sorted({q[0] for q in QUANT if len(q) > 3}):
+        PLANS[bits] = kvc.key_bit_plan(model, [ids], bits=bits)
+    return {"book": PLAN_BOOK, "tokens": PLAN_TOKENS, "start": 20_000, "seconds": time.perf_counter() - start,
+            "widths": {str(b): {str(w): sum(row.count(w) for layer in p for row in layer) for w in (0, 2, 4, 8)}
+                       for b, p in PLANS.items()}}
 
 
 def machine() -> dict:
@@ -80,8 +93,8 @@ def bytes_table(cfg, sizes, mem_args) -> list[dict]:
     rows = []
     for t in sizes:
         fp16 = t * layers * hkv * 2 * d * 2
-        caches = {quant_name(b, s, k): (lambda b=b, s=s, k=k: kvc.QuantizedCache(bits=b, scale=s, sinks=k))
-                  for b, s, k in QUANT if s == "minmax"}
+        caches = {quant_name(*q): (lambda name=quant_name(*q): make_cache(name, cfg, mem_args))
+                  for q in QUANT if q[1] == "minmax"}
         caches["memory"] = lambda: kvc.CompressedMemory(**mem_args)
         rows.append({"cache": "fp32 DynamicCache", "tokens": t, "bytes": 2 * fp16, "bytes_per_token": 2 * fp16 / t,
                      "x_smaller_than_fp16": 0.5})
@@ -134,8 +147,10 @@ def make_cache(name: str, cfg, mem_args: dict):
     if name == "full":
         return DynamicCache(config=cfg)
     if name.startswith("q"):
-        bits, scale, *sinks = name[1:].split("-")
-        return kvc.QuantizedCache(bits=int(bits), scale=scale, sinks=int(sinks[0][1:]) if sinks else 0)
+        bits, scale, *rest = name[1:].split("-")
+        sinks = next((int(r[1:]) for r in rest if r.startswith("s")), 0)
+        plan = PLANS[int(bits)] if "plan" in rest else None  # fit_plans() must have run
+        return kvc.QuantizedCache(bits=int(bits), scale=scale, sinks=sinks, key_bits=plan)
     if name == "memory":
         return kvc.CompressedMemory(**mem_args)
     if name == "window-only":
@@ -179,7 +194,7 @@ def decode_speed(model, ids: torch.Tensor, cache, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-SPEED_CACHES = ("full", "q4-minmax-s4", "q2-minmax-s4")
+SPEED_CACHES = ("full", "q4-minmax-s4", "q2-minmax-s4", "q2-minmax-s4-plan")
 
 
 def speed_ids(tok, books: dict, context: int) -> torch.Tensor:
@@ -216,6 +231,17 @@ def markdown(res: dict) -> str:
         "in the model's dtype). CompressedMemory: "
         f"{res['memory_args']}; the window-only cache has the same bytes ({res['window_only_window']}-token window).",
         "",
+    ]
+    if res.get("plans"):
+        pl = res["plans"]
+        lines += [
+            f"`-plan`: `key_bits=attnkit.cache.key_bit_plan(model, ...)`, fitted on {pl['tokens']} tokens of "
+            f"{pl['book']} (not a text measured below) in {pl['seconds']:.1f} s: each key channel (layer, kv head, "
+            "channel) gets 0 bits (its group mean), b or 2b bits, chosen by query energy at the key bytes of uniform b "
+            "bits. Channels per width: " + "; ".join(f"{b}-bit plan {w}" for b, w in pl["widths"].items()) + ".",
+            "",
+        ]
+    lines += [
         "## Cache bytes (everything counted) vs an fp16 cache",
         "",
         "| cache | tokens | MiB | bytes/token | x smaller than fp16 | worst / best in the next group |",
@@ -291,6 +317,7 @@ def main(argv=None) -> None:
         argv if argv is not None else __import__("sys").argv[1:]), "sizes": args.sizes, "chunk": args.chunk,
         "book": book, "memory_args": mem_args, "window_only_window": memory_window_equal_size(cfg, **mem_args)}
 
+    res["plans"] = fit_plans(model, tok, books)
     res["bytes"] = bytes_table(cfg, args.sizes, mem_args)
     res["memory_bytes"] = {}
     for t in args.memory_sizes:

@@ -29,7 +29,10 @@ def main(argv=None) -> None:
         p.error("argument --caches: must include 'full', the cache the others are compared with")
     torch.manual_seed(0)
     model, tok = data.load_smollm2()
-    ids = bc.speed_ids(tok, data.austen_novels(), args.context)
+    books = data.austen_novels()
+    if any(name.endswith("-plan") for name in args.caches):
+        bc.fit_plans(model, tok, books)
+    ids = bc.speed_ids(tok, books, args.context)
     runs = bc.speed_rounds(model, ids, args.caches, args.rounds, args.steps, {})
     full = runs["full"]
     for name, v in runs.items():

@@ -164,7 +164,10 @@ def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first, dv, two_pa
     layer.update(k[:, :, :first], v[:, :, :first])
     layer.update(k[:, :, first:], v[:, :, first:])
     assert torch.equal(layer.sink_keys, k[:, :, :sinks]) and torch.equal(layer.sink_values, v[:, :, :sinks])
-    assert layer.key_codes.shape[2] == (77 - sinks) // 16 and layer.value_codes.shape[2] == 77 - sinks
+    # groups aligned to multiples of G (group 0 holds the sinks' places): 4 groups, 13 keys waiting;
+    # every value row packed, rows 0-3 the sinks' placeholders
+    assert layer.key_codes.shape[2] == 77 // 16 and layer.key_residual.shape[-2] == 77 - 64
+    assert layer.value_codes.shape[2] == 77
     k2, v2 = _kv(s=3, dv=dv, seed=1)
     keep = torch.ones(2, 1, 1, 80, dtype=torch.bool)
     keep[1, ..., :2] = False  # a padded sink and a padded quantized key
@@ -184,6 +187,31 @@ def test_sinks_stay_exact_and_the_rest_is_quantized_after_them(first, dv, two_pa
     err = (kd[:, :, sinks:16] - k[:, :, sinks:16]).abs().max()
     assert err < 0.2 * (kp[:, :, sinks:16] - k[:, :, sinks:16]).abs().max()
     assert layer.nbytes() == _held_bytes(layer)
+
+
+@pytest.mark.parametrize("sinks", [3, 16, 21])  # the sinks' places inside group 0, none, inside group 1
+@pytest.mark.parametrize("two_pass_max", [0, 1 << 30])
+def test_key_groups_stay_aligned_whatever_the_sinks(sinks, two_pass_max, monkeypatch):
+    monkeypatch.setattr("attnkit.cache.quantized.TWO_PASS_MAX", two_pass_max)
+    layer = QuantizedLayer(4, 16, 0, "minmax", 32, False, sinks)
+    k, v = _kv(s=96, dv=16, offset=3.0)
+    layer.update(k[:, :, :50], v[:, :, :50])
+    for t in range(50, 96):  # decode steps: at every multiple of G nothing waits
+        kv, vv = layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        if (t + 1) % 16 == 0:
+            assert layer.key_residual.shape[-2] == 0 and layer.key_codes.shape[2] == (t + 1 - sinks // 16 * 16) // 16
+    assert layer.value_codes.shape[2] == 96 - sinks // 16 * 16 and layer.value_residual.shape[-2] == 0
+    assert torch.equal(layer.sink_keys, k[:, :, :sinks])
+    kd, vd = kv.materialize(), vv.materialize()
+    assert kd.shape == (2, 2, 96, 40) and torch.equal(kd[:, :, :sinks], k[:, :, :sinks])
+    assert (kd - k).abs().max() < 0.3 and (vd - v).abs().max() < 0.3  # 4-bit: within half a step (ranges ~8)
+    q = torch.randn(2, 4, 1, 40, generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(2, 1, 1, 96, dtype=torch.bool)
+    keep[0, ..., 1] = False
+    keep[1, ..., sinks] = False  # the first packed token after the sinks
+    out = cache_attention(q, kv, vv, is_causal=True, attn_mask=keep)
+    ref = attnkit.attention(q.double(), kd.double(), vd.double(), method="math", attn_mask=keep).float()
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_residual_only_regime_is_exact():

@@ -1,7 +1,8 @@
 """KV caches for generation with Hugging Face models: quantized (KIVI) and compressed (fixed size).
 
 * :class:`QuantizedCache` -- keys per channel, values per token, 8/4/2-bit codes packed
-  with fp16 scales and zero points; attention dequantizes block by block.
+  with fp16 scales and zero points; attention dequantizes block by block.  With
+  ``key_bits=key_bit_plan(model, batches)``, key channels get 0/b/2b bits by query energy.
 * :class:`CompressedMemory` -- attention sinks + a recent window + a FAVOR+ summary of
   everything evicted: constant size however long the sequence.
 * :func:`cache_attention` reads the :class:`CacheView` pairs their ``update()`` returns;
@@ -18,6 +19,7 @@ except ImportError:  # pragma: no cover
     raise ImportError("attnkit.cache needs transformers: pip install -e '.[eval]' (transformers 5.x)") from None
 
 from .hf import NAME, attention_forward, enable, hf_cache_attention, register
+from .keyplan import key_bit_plan, load_plan, save_plan
 from .memory import CompressedMemory
 from .quant import dequantize, pack, quantize, unpack
 from .quantized import QuantizedCache
@@ -34,8 +36,11 @@ __all__ = [
     "dequantize",
     "enable",
     "hf_cache_attention",
+    "key_bit_plan",
+    "load_plan",
     "pack",
     "quantize",
     "register",
+    "save_plan",
     "unpack",
 ]
