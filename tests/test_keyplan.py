@@ -16,6 +16,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import attnkit
 from attnkit.cache import QuantizedCache, cache_attention, dequantize, enable, key_bit_plan, load_plan, quantize, save_plan
+from attnkit.cache import keyplan
 from attnkit.cache.keyplan import allocate_bits, channel_errors
 from attnkit.cache.quantized import QuantizedLayer
 
@@ -47,7 +48,7 @@ def test_planned_cache_attention_equals_attention_over_dequantized(two_pass_max,
     ref = attnkit.attention(q.double(), kv.materialize().double(), vv.materialize().double(), attn_mask=keep,
                             method="math").float()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert layer.key_codes2.shape[1] == (77 + n) // 16  # full groups, aligned to multiples of G
+    assert layer.key_codes.shape[1] == (77 + n) // 16  # full groups, aligned to multiples of G
 
 
 def test_each_width_quantizes_its_channels():
@@ -64,7 +65,9 @@ def test_each_width_quantizes_its_channels():
         assert torch.equal(kd[:, h, :, c].unflatten(1, (4, 16)), want), (h, c, w)
     # nbytes: every held tensor plus the plan's index tensors
     held = sum(t.nbytes for t in layer.tensors().values())
-    assert layer.nbytes() == held + layer.layout.nbytes() and "key_codes" not in layer.tensors()
+    assert layer.nbytes() == held + layer.layout.nbytes() and "key_mean" in layer.tensors()
+    # digits: a 4-bit channel is two 2-bit rows, an 8-bit one four; the codes' bytes are the plan's bits
+    assert layer.key_codes.shape[2] == int((plan // 2).sum()) and layer.key_codes.shape[-1] == 16 * 2 // 8
 
 
 def test_allocate_bits_matches_brute_force_on_the_convex_hull():
@@ -107,6 +110,7 @@ def test_plan_fitted_on_a_model_runs_generate_and_round_trips(tiny_llama, tmp_pa
     before = model.config._attn_implementation
     plan = key_bit_plan(model, [ids[:, :32], ids[:, 8:]], bits=2, group_size=8)
     assert model.config._attn_implementation == before  # the calibration attention is taken off again
+    assert keyplan._ACTIVE == []  # and nothing keeps the recorded keys alive
     assert len(plan) == 2 and all(torch.tensor(p).shape == (2, 16) for p in plan)
     for p in plan:
         b = torch.tensor(p)

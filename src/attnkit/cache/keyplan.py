@@ -1,9 +1,10 @@
 """Per-channel key bit widths for :class:`~attnkit.cache.QuantizedCache`, fitted on a few batches.
 
-At 2 bits, keys cost a quantized cache most of its perplexity (on SmolLM2 at 2048 tokens:
-2-bit keys with 8-bit values +10%, 8-bit keys with 2-bit values +1.2%), and most of the
-key error does not matter: a score is q·k, so channel c's quantization error reaches the
-scores weighted by E[q_c²], and a few channels carry most of the query energy.  The plan
+At 2 bits, keys cost a quantized cache most of its perplexity (SmolLM2, 2048 tokens of
+Pride & Prejudice, sinks=4: 2-bit keys and values +10%, the same with 8-bit keys +1.2%),
+and much of the key error does not matter: a score is q·k, so channel c's quantization
+error reaches the scores weighted by E[q_c²], and the query energy is far from uniform
+over the channels.  The plan
 spends the same key bytes as uniform ``bits``-bit codes, unevenly: per layer, every
 (kv head, channel) gets 0 bits (the group mean alone), ``bits`` or ``2·bits``, chosen to
 minimise the expected score error
@@ -116,6 +117,15 @@ class _Recorder:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+_ACTIVE: list[_Recorder] = []  # the recorder of the calibration running now
+
+
+def _record(module, query, key, value, attention_mask, **kwargs):
+    """What is registered under ``_NAME``: the running calibration's recorder (the registry
+    holds this function, never a recorder and the keys it collected)."""
+    return _ACTIVE[-1](module, query, key, value, attention_mask, **kwargs)
+
+
 @torch.no_grad()
 def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, group_size: int = 64,
                  options: Iterable[int] | None = None) -> list[list[list[int]]]:
@@ -128,7 +138,7 @@ def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, 
             text like the one to be cached).
         bits: the cache's bit width; the plan costs the same key bytes as uniform ``bits``.
         group_size: the cache's G.
-        options: widths a channel may take (default 0, bits, 2·bits; each in 0, 2, 4, 8).
+        options: widths a channel may take (default 0, bits, min(2·bits, 8); each in 0, 2, 4, 8).
 
     Returns:
         plan[layer][kv head][channel] = bits, a JSON-serialisable nested list.
@@ -137,15 +147,16 @@ def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, 
 
     from .quant import BITS
 
-    opts = sorted(set(options if options is not None else (0, bits, 2 * bits)))
+    opts = sorted(set(options if options is not None else (0, bits, min(2 * bits, 8))))
     bad = [b for b in opts if b != 0 and b not in BITS]
     if bad or bits not in BITS:
         raise ValueError(f"key_bit_plan: 'bits' and 'options' must be in {BITS} (options may add 0), got {bits}, {opts}")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"key_bit_plan: argument 'model' must be a transformers PreTrainedModel, got {type(model).__name__}")
     rec = _Recorder()
-    AttentionInterface.register(_NAME, rec)
+    AttentionInterface.register(_NAME, _record)
     previous = model.config._attn_implementation
+    _ACTIVE.append(rec)
     model.set_attn_implementation(_NAME)
     try:
         n = 0
@@ -154,8 +165,12 @@ def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, 
             n += 1
     finally:
         model.set_attn_implementation(previous)
+        _ACTIVE.remove(rec)
     if n == 0:
         raise ValueError("key_bit_plan: argument 'batches' gave no batch")
+    if not rec.q2:
+        raise TypeError("key_bit_plan: the model's attention did not run through transformers' attention interface "
+                        "(a Llama-style model with config._attn_implementation is needed)")
     cost = {b: b + (16 if b == 0 else 32) / group_size for b in opts}
     plan = []
     for layer in sorted(rec.q2):
@@ -185,47 +200,57 @@ def load_plan(path: str | Path) -> list[list[list[int]]]:
 
 
 class KeyLayout:
-    """How one layer's keys are held under a plan: per bit width b, the (kv head, channel)
-    entries with that width, head-major, each quantized per channel over groups of G tokens.
+    """How one layer's keys are held under a plan, as ``b``-bit digits (b: the cache's bits).
 
-    Held per width b > 0: ``key_codes{b}`` (B, nG, E_b, G·b/8) uint8, ``key_scale{b}`` and
-    ``key_low{b}`` (B, nG, E_b) fp16; for width 0: ``key_mean`` (B, nG, E_0) fp16, the
-    group's mean.  Scores: for few query rows (decoding) one product per width with the
-    rows of all heads stacked (B, H·M, E_b), each row zero outside its own head's entries
-    (H times the multiply-adds, in one operation instead of H); for many rows one product
-    per head and width over that head's entries.
+    Channel entries e = (kv head, channel) with width w > 0, head-major, are quantized per
+    channel over groups of G tokens to w-bit codes, and each code is held as w/b base-2^b
+    digits c = Σ_j 2^(b·j)·d_j, every digit one ``b``-bit row of the same packed tensor --
+    so the scores take one product of the cache's width per block, whatever the widths:
+    Σ_e q_e (low_e + s_e c_e) = Σ_digits (2^(b·j) q_e s_e)·d + q·low.  Held:
+    ``key_codes`` (B, nG, E_d, G·b/8) uint8 digits, ``key_scale``/``key_low`` (B, nG, E_c)
+    fp16 per channel entry, ``key_mean`` (B, nG, E_0) fp16 for the width-0 entries.
+
+    Few query rows (decoding): the rows of all heads stacked, (B, H·M, ·), each row zero
+    outside its own head's entries: H times the multiply-adds, one product for all heads.
+    Many rows (prefill): one product per head over its own entries.
     """
 
-    def __init__(self, bits: Tensor, group: int):
-        from .quant import BITS
+    _NAMES = ("key_codes", "key_scale", "key_low", "key_mean")
 
-        if bits.dim() != 2 or not all(int(b) == 0 or int(b) in BITS for b in bits.unique()):
-            raise ValueError(f"QuantizedCache: argument 'key_bits': each layer's plan must be (kv heads, head dim) "
-                             f"widths in {(0, *BITS)}, got shape {tuple(bits.shape)} values {bits.unique().tolist()}")
-        self.heads, self.dim = bits.shape
-        self.group = group
-        flat = bits.flatten()
-        self.widths = sorted(int(b) for b in flat.unique())
-        self.index = {b: (flat == b).nonzero()[:, 0] for b in self.widths}  # (E_b,) h·D + c, head-major
-        self.owner = {b: torch.arange(self.heads)[:, None] == (i // self.dim)[None] for b, i in self.index.items()}
-        self.ends = {b: o.sum(1).cumsum(0).tolist() for b, o in self.owner.items()}  # head h's entries end here
+    def __init__(self, widths: Tensor, group: int, bits: int):
+        if widths.dim() != 2 or not all(int(w) in (0, bits, 2 * bits, 4 * bits) and int(w) <= 8 for w in widths.unique()):
+            raise ValueError(
+                f"QuantizedCache: argument 'key_bits': each layer's plan must be (kv heads, head dim) widths, each 0 "
+                f"or a multiple of bits={bits} up to 8, got shape {tuple(widths.shape)} values {widths.unique().tolist()}")
+        self.heads, self.dim = widths.shape
+        self.group, self.bits = group, bits
+        flat = widths.flatten()
+        self.chan = (flat > 0).nonzero()[:, 0]  # (E_c,) h·D + c of the quantized entries, head-major
+        self.zero = (flat == 0).nonzero()[:, 0]  # (E_0,) the width-0 entries
+        self.widths = flat[self.chan]  # (E_c,)
+        ndig = self.widths // bits
+        self.digit_chan = torch.repeat_interleave(torch.arange(len(self.chan)), ndig)  # (E_d,) its channel entry
+        first = torch.cumsum(ndig, 0) - ndig
+        self.digit_pos = torch.arange(len(self.digit_chan)) - first[self.digit_chan]  # j
+        self.digit_mult = (2.0 ** (bits * self.digit_pos)).float()  # (E_d,)
+        heads = {"chan": self.chan // self.dim, "zero": self.zero // self.dim, "digit": self.chan[self.digit_chan] // self.dim}
+        self.owner = {k: (torch.arange(self.heads)[:, None] == h[None]).float() for k, h in heads.items()}  # (H, E)
+        self.ends = {k: o.sum(1).long().cumsum(0).tolist() for k, o in self.owner.items()}  # head h's entries end
 
     def names(self) -> list[str]:
-        return [n for b in self.widths for n in ((f"key_codes{b}", f"key_scale{b}", f"key_low{b}") if b else ("key_mean",))]
+        return list(self._NAMES)
 
     def nbytes(self) -> int:
-        return sum(i.nbytes + self.owner[b].nbytes for b, i in self.index.items())
+        index = (self.chan, self.zero, self.widths, self.digit_chan, self.digit_pos, self.digit_mult)
+        return sum(t.nbytes for t in index) + sum(o.nbytes for o in self.owner.values())
 
     def empty(self, batch: int, device) -> dict[str, Tensor]:
-        out = {}
-        for b, i in self.index.items():
-            if b:
-                out[f"key_codes{b}"] = torch.empty(batch, 0, len(i), -(-self.group * b // 8), dtype=torch.uint8, device=device)
-                out[f"key_scale{b}"] = torch.empty(batch, 0, len(i), dtype=torch.float16, device=device)
-                out[f"key_low{b}"] = torch.empty(batch, 0, len(i), dtype=torch.float16, device=device)
-            else:
-                out["key_mean"] = torch.empty(batch, 0, len(i), dtype=torch.float16, device=device)
-        return out
+        kw = {"dtype": torch.float16, "device": device}
+        return {"key_codes": torch.empty(batch, 0, len(self.digit_chan), -(-self.group * self.bits // 8),
+                                         dtype=torch.uint8, device=device),
+                "key_scale": torch.empty(batch, 0, len(self.chan), **kw),
+                "key_low": torch.empty(batch, 0, len(self.chan), **kw),
+                "key_mean": torch.empty(batch, 0, len(self.zero), **kw)}
 
     def quantize(self, k: Tensor) -> dict[str, Tensor]:
         """k (B, H, nG', G, D) -> the tensors of nG' new groups (to be appended along dim 1)."""
@@ -233,75 +258,77 @@ class KeyLayout:
 
         b, h, n, g, d = k.shape
         rows = k.float().permute(0, 2, 1, 4, 3).reshape(b, n, h * d, g)  # (B, nG', H·D, G)
-        out = {}
-        for w, i in self.index.items():
-            x = rows[:, :, i.to(k.device)]  # (B, nG', E, G)
-            if w:
-                codes, s, low = quantize(x, w)
-                out[f"key_codes{w}"], out[f"key_scale{w}"], out[f"key_low{w}"] = pack(codes, w), s, low
-            else:
-                out["key_mean"] = x.mean(-1).to(torch.float16)
-        return out
+        x = rows[:, :, self.chan.to(k.device)]  # (B, nG', E_c, G)
+        codes = torch.empty(x.shape, dtype=torch.uint8, device=k.device)
+        scale = torch.empty(x.shape[:-1], dtype=torch.float16, device=k.device)
+        low = torch.empty_like(scale)
+        for w in self.widths.unique().tolist():
+            sel = (self.widths == w).nonzero()[:, 0].to(k.device)
+            codes[:, :, sel], scale[:, :, sel], low[:, :, sel] = quantize(x[:, :, sel], w)
+        mask = (1 << self.bits) - 1
+        digits = (codes[:, :, self.digit_chan.to(k.device)] >> (self.bits * self.digit_pos.to(k.device))[:, None]
+                  .to(torch.uint8)) & mask  # (B, nG', E_d, G)
+        return {"key_codes": pack(digits, self.bits), "key_scale": scale, "key_low": low,
+                "key_mean": rows[:, :, self.zero.to(k.device)].mean(-1).to(torch.float16)}
 
     def dequantize(self, held: dict[str, Tensor]) -> Tensor:
         """The held groups' keys: (B, H, nG·G, D) fp32."""
-        from .quant import dequantize, unpack
+        from .quant import unpack
 
-        any_ = next(iter(held.values()))
-        b, n = any_.shape[:2]
-        rows = any_.new_zeros(b, n, self.heads * self.dim, self.group, dtype=torch.float32)
-        for w, i in self.index.items():
-            i = i.to(rows.device)
-            if w:
-                codes = unpack(held[f"key_codes{w}"], w, self.group)
-                rows[:, :, i] = dequantize(codes, held[f"key_scale{w}"], held[f"key_low{w}"])
-            else:
-                rows[:, :, i] = held["key_mean"].float()[..., None]
+        b, n = held["key_scale"].shape[:2]
+        dev = held["key_scale"].device
+        digits = unpack(held["key_codes"], self.bits, self.group).float()  # (B, nG, E_d, G)
+        codes = torch.zeros(b, n, len(self.chan), self.group, device=dev)
+        codes.index_add_(2, self.digit_chan.to(dev), digits * self.digit_mult.to(dev)[:, None])
+        rows = torch.zeros(b, n, self.heads * self.dim, self.group, device=dev)
+        rows[:, :, self.chan.to(dev)] = held["key_low"].float()[..., None] + codes * held["key_scale"].float()[..., None]
+        rows[:, :, self.zero.to(dev)] = held["key_mean"].float()[..., None]
         k = rows.view(b, n, self.heads, self.dim, self.group).permute(0, 2, 1, 4, 3)  # (B, H, nG, G, D)
         return k.reshape(b, self.heads, n * self.group, self.dim)
 
-    def rows(self, qs: Tensor) -> tuple[bool, dict[int, Tensor]]:
-        """The query rows each width's product takes, and whether they are stacked.
-
-        Few rows (decoding, H·M <= STACK_ROWS): per width (B, H·M, E_b), row h·M + m zero
-        outside head h's entries, so that one product serves all heads.  Many rows
-        (prefill): per width (B, M, E_b), the rows as gathered; each head's product then
-        takes its own entries (no multiplications by zero)."""
+    def rows(self, qs: Tensor) -> tuple[bool, dict[str, Tensor]]:
+        """The query rows the products take, per kind of entry ("chan", "zero", "digit"), and
+        whether they are stacked: (B, H·M, E) with row h·M + m zero outside head h's entries,
+        or (B, M, E) as gathered."""
         b, h, m, d = qs.shape
+        dev = qs.device
         flat = qs.transpose(1, 2).reshape(b, m, h * d)  # (B, M, H·D)
+        a = {"chan": flat[..., self.chan.to(dev)], "zero": flat[..., self.zero.to(dev)]}
+        a["digit"] = a["chan"][..., self.digit_chan.to(dev)] * self.digit_mult.to(dev)  # 2^(b·j) q_e
         stacked = h * m <= STACK_ROWS
-        out = {}
-        for w, i in self.index.items():
-            a = flat[..., i.to(qs.device)]  # (B, M, E)
-            if stacked:
-                a = (a[:, None] * self.owner[w].to(qs.device)[None, :, None]).reshape(b, h * m, -1)  # (B, H·M, E)
-            out[w] = a
-        return stacked, out
+        if stacked:
+            a = {k: (v[:, None] * self.owner[k].to(dev)[None, :, None]).reshape(b, h * m, -1) for k, v in a.items()}
+        return stacked, a
 
-    def _product(self, a: Tensor, held: dict[str, Tensor], w: int, sl: slice) -> Tensor:
-        """a (B, M', E') times the held groups' entries ``sl`` of width w: (B, nG, M', G or 1)."""
+    def _product(self, a: dict[str, Tensor], held: dict[str, Tensor], sl: dict[str, slice], step: int) -> Tensor:
+        """Rows a (B, M', ·) times the held groups' entries ``sl``: (B, nG, M', G)."""
         from .quant import code_matmul
 
-        a = a[..., sl]
-        if w:
-            s, low = held[f"key_scale{w}"][..., sl].float(), held[f"key_low{w}"][..., sl].float()  # (B, nG, E')
-            part = code_matmul(a[:, None] * s[:, :, None], held[f"key_codes{w}"][:, :, sl], w)[..., : self.group]
-        else:
-            low, part = held["key_mean"][..., sl].float(), 0.0
-        return part + torch.matmul(low, a.transpose(-1, -2))[..., None]  # + q·low
+        ad, ac, a0 = a["digit"][..., sl["digit"]], a["chan"][..., sl["chan"]], a["zero"][..., sl["zero"]]
+        s = held["key_scale"][..., sl["chan"]].float()[..., self.digit_chan[sl["digit"]].to(ad.device) - sl["chan"].start]
+        a_s, codes = ad[:, None] * s[:, :, None], held["key_codes"][:, :, sl["digit"]]  # (B, nG, M', E_d'), codes
+        if codes.shape[2]:
+            out = torch.cat([code_matmul(a_s[:, g0 : g0 + step], codes[:, g0 : g0 + step], self.bits)
+                             for g0 in range(0, codes.shape[1], step)], dim=1)[..., : self.group]
+        else:  # no quantized entry here: only means
+            out = a_s.new_zeros(*a_s.shape[:-1], self.group)
+        low = torch.matmul(held["key_low"][..., sl["chan"]].float(), ac.transpose(-1, -2))  # (B, nG, M')
+        if a0.shape[-1]:
+            low = low + torch.matmul(held["key_mean"][..., sl["zero"]].float(), a0.transpose(-1, -2))
+        return out + low[..., None]
 
-    def scores(self, rows: tuple[bool, dict[int, Tensor]], held: dict[str, Tensor], m: int) -> Tensor:
-        """Scores of :meth:`rows` against the held groups: (B, H, M, nG·G)."""
-        stacked, per_width = rows
-        total = None
-        for w, a in per_width.items():
-            if stacked:
-                part = self._product(a, held, w, slice(None))  # (B, nG, H·M, ·)
-            else:
-                ends = self.ends[w]
-                part = torch.cat([self._product(a, held, w, slice(e0, e1)) for e0, e1 in zip([0, *ends[:-1]], ends)],
-                                 dim=2)  # (B, nG, H·M, ·): head h's rows h·M..h·M+M−1
-            total = part if total is None else total + part
-        b, n = total.shape[:2]
-        total = total.expand(b, n, self.heads * m, self.group)
-        return total.reshape(b, n, self.heads, m, self.group).permute(0, 2, 3, 1, 4).reshape(b, self.heads, m, -1)
+    def scores(self, rows: tuple[bool, dict[str, Tensor]], held: dict[str, Tensor], m: int,
+               step: int | None = None) -> Tensor:
+        """Scores of :meth:`rows` against the held groups: (B, H, M, nG·G), the codes
+        unpacked ``step`` groups at a time (default: all at once)."""
+        stacked, a = rows
+        n = held["key_scale"].shape[1]
+        step = step or max(1, n)
+        if stacked:
+            out = self._product(a, held, {k: slice(0, None) for k in ("digit", "chan", "zero")}, step)
+        else:
+            starts = {k: [0, *e[:-1]] for k, e in self.ends.items()}
+            out = torch.cat([self._product(a, held, {k: slice(starts[k][h], self.ends[k][h]) for k in self.ends}, step)
+                             for h in range(self.heads)], dim=2)  # (B, nG, H·M, G): head h's rows h·M..
+        b = out.shape[0]
+        return out.reshape(b, n, self.heads, m, self.group).permute(0, 2, 3, 1, 4).reshape(b, self.heads, m, -1)

@@ -139,8 +139,7 @@ class QuantizedSnapshot(Snapshot):
         parts = [torch.matmul(qs, self.sk.float().transpose(-1, -2))] if off else []
         if ng and self.layout is not None:
             rows = self.layout.rows(qs)
-            sq = torch.cat([self.layout.scores(rows, self._held(g0, g0 + step), m) for g0 in range(0, ng, step)], -1)
-            parts.append(sq[..., lead:])  # tokens [S, a0 + nG·G)
+            parts.append(self.layout.scores(rows, self.kheld, m, step)[..., lead:])  # tokens [S, a0 + nG·G)
         elif ng:
             qsg = qs[:, :, None] * self.ks.float()[:, :, :, None, :]  # (B, H, nG, M, D)
             blocks = [code_matmul(qsg[:, :, g0 : g0 + step], self.kc[:, :, g0 : g0 + step], self.bits)
@@ -236,7 +235,7 @@ class QuantizedLayer(HeldTensorsLayer):
     def __init__(self, bits: int, group_size: int, residual: int, scale: str, block: int, materialize: bool,
                  sinks: int = 0, key_bits: Tensor | None = None):
         super().__init__()
-        self.layout = None if key_bits is None else KeyLayout(key_bits, group_size)
+        self.layout = None if key_bits is None else KeyLayout(key_bits, group_size, bits)
         if self.layout is not None:  # the plan's key tensors instead of the uniform ones
             self._TENSORS = tuple(n for n in self._TENSORS if not n.startswith("key_")) + (
                 "key_residual", *self.layout.names())
