@@ -302,6 +302,8 @@ def main(argv=None) -> None:
     p.add_argument("--memory-sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--note", default="")
+    p.add_argument("--bytes-only", action="store_true",
+                   help="recompute only the bytes tables (shapes fix them) into an existing <out>/cache_cpu.json")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -317,6 +319,15 @@ def main(argv=None) -> None:
         argv if argv is not None else __import__("sys").argv[1:]), "sizes": args.sizes, "chunk": args.chunk,
         "book": book, "memory_args": mem_args, "window_only_window": memory_window_equal_size(cfg, **mem_args)}
 
+    if args.bytes_only:  # the rest of an earlier run kept as it was
+        old = json.loads((args.out / "cache_cpu.json").read_text())
+        fit_plans(model, tok, books)
+        old["bytes"] = bytes_table(cfg, old["sizes"], old["memory_args"])
+        old.setdefault("notes", []).append(f"Bytes tables recomputed by `--bytes-only` ({time.strftime('%Y-%m-%d')}).")
+        (args.out / "cache_cpu.json").write_text(json.dumps(old, indent=2))
+        (args.out / "cache_cpu.md").write_text(markdown(old))
+        print(f"wrote the bytes tables into {args.out / 'cache_cpu.md'}")
+        return
     res["plans"] = fit_plans(model, tok, books)
     res["bytes"] = bytes_table(cfg, args.sizes, mem_args)
     res["memory_bytes"] = {}

@@ -117,6 +117,8 @@ def test_plan_fitted_on_a_model_runs_generate_and_round_trips(tiny_llama, tmp_pa
         assert set(b.unique().tolist()) <= {0, 2, 4}
         cost = torch.where(b == 0, 16 / 8, b + 32 / 8).sum()
         assert cost <= b.numel() * (2 + 32 / 8) + 1e-9  # the key bytes of uniform 2-bit
+    eight_bit = key_bit_plan(model, [ids], bits=8, group_size=8)  # default widths 0 and 8 (16 does not exist)
+    assert set(torch.tensor(eight_bit).unique().tolist()) <= {0, 8}
     save_plan(plan, tmp_path / "plan.json")
     assert load_plan(tmp_path / "plan.json") == plan
     (tmp_path / "bad.json").write_text(json.dumps({"plan": plan}))

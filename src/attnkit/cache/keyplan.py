@@ -224,24 +224,27 @@ class KeyLayout:
                 f"or a multiple of bits={bits} up to 8, got shape {tuple(widths.shape)} values {widths.unique().tolist()}")
         self.heads, self.dim = widths.shape
         self.group, self.bits = group, bits
+        # Index tensors in small dtypes: they are held per layer and counted by nbytes().
         flat = widths.flatten()
-        self.chan = (flat > 0).nonzero()[:, 0]  # (E_c,) h·D + c of the quantized entries, head-major
-        self.zero = (flat == 0).nonzero()[:, 0]  # (E_0,) the width-0 entries
-        self.widths = flat[self.chan]  # (E_c,)
-        ndig = self.widths // bits
-        self.digit_chan = torch.repeat_interleave(torch.arange(len(self.chan)), ndig)  # (E_d,) its channel entry
-        first = torch.cumsum(ndig, 0) - ndig
-        self.digit_pos = torch.arange(len(self.digit_chan)) - first[self.digit_chan]  # j
-        self.digit_mult = (2.0 ** (bits * self.digit_pos)).float()  # (E_d,)
-        heads = {"chan": self.chan // self.dim, "zero": self.zero // self.dim, "digit": self.chan[self.digit_chan] // self.dim}
-        self.owner = {k: (torch.arange(self.heads)[:, None] == h[None]).float() for k, h in heads.items()}  # (H, E)
-        self.ends = {k: o.sum(1).long().cumsum(0).tolist() for k, o in self.owner.items()}  # head h's entries end
+        chan = (flat > 0).nonzero()[:, 0]  # (E_c,) h·D + c of the quantized entries, head-major
+        zero = (flat == 0).nonzero()[:, 0]  # (E_0,) the width-0 entries
+        w = flat[chan]
+        ndig = w // bits
+        digit_chan = torch.repeat_interleave(torch.arange(len(chan)), ndig)  # (E_d,) its channel entry
+        digit_pos = torch.arange(len(digit_chan)) - (torch.cumsum(ndig, 0) - ndig)[digit_chan]  # j
+        heads = {"chan": chan // self.dim, "zero": zero // self.dim, "digit": chan[digit_chan] // self.dim}
+        self.owner = {k: torch.arange(self.heads)[:, None] == h[None] for k, h in heads.items()}  # (H, E) bool
+        self.ends = {k: o.sum(1).cumsum(0).tolist() for k, o in self.owner.items()}  # head h's entries end
+        self.chan, self.zero, self.digit_chan = chan.int(), zero.int(), digit_chan.int()
+        self.digit_shift = (bits * digit_pos).to(torch.uint8)  # (E_d,) b·j
+        self.digit_mult = (2.0 ** (bits * digit_pos)).float()  # (E_d,) 2^(b·j)
+        self.by_width = {int(x): (w == x).nonzero()[:, 0].int() for x in w.unique()}  # channel entries per width
 
     def names(self) -> list[str]:
         return list(self._NAMES)
 
     def nbytes(self) -> int:
-        index = (self.chan, self.zero, self.widths, self.digit_chan, self.digit_pos, self.digit_mult)
+        index = (self.chan, self.zero, self.digit_chan, self.digit_shift, self.digit_mult, *self.by_width.values())
         return sum(t.nbytes for t in index) + sum(o.nbytes for o in self.owner.values())
 
     def empty(self, batch: int, device) -> dict[str, Tensor]:
@@ -262,12 +265,11 @@ class KeyLayout:
         codes = torch.empty(x.shape, dtype=torch.uint8, device=k.device)
         scale = torch.empty(x.shape[:-1], dtype=torch.float16, device=k.device)
         low = torch.empty_like(scale)
-        for w in self.widths.unique().tolist():
-            sel = (self.widths == w).nonzero()[:, 0].to(k.device)
+        for w, sel in self.by_width.items():
+            sel = sel.to(k.device)
             codes[:, :, sel], scale[:, :, sel], low[:, :, sel] = quantize(x[:, :, sel], w)
         mask = (1 << self.bits) - 1
-        digits = (codes[:, :, self.digit_chan.to(k.device)] >> (self.bits * self.digit_pos.to(k.device))[:, None]
-                  .to(torch.uint8)) & mask  # (B, nG', E_d, G)
+        digits = (codes[:, :, self.digit_chan.to(k.device)] >> self.digit_shift.to(k.device)[:, None]) & mask
         return {"key_codes": pack(digits, self.bits), "key_scale": scale, "key_low": low,
                 "key_mean": rows[:, :, self.zero.to(k.device)].mean(-1).to(torch.float16)}
 
@@ -279,7 +281,7 @@ class KeyLayout:
         dev = held["key_scale"].device
         digits = unpack(held["key_codes"], self.bits, self.group).float()  # (B, nG, E_d, G)
         codes = torch.zeros(b, n, len(self.chan), self.group, device=dev)
-        codes.index_add_(2, self.digit_chan.to(dev), digits * self.digit_mult.to(dev)[:, None])
+        codes.index_add_(2, self.digit_chan.to(dev).long(), digits * self.digit_mult.to(dev)[:, None])
         rows = torch.zeros(b, n, self.heads * self.dim, self.group, device=dev)
         rows[:, :, self.chan.to(dev)] = held["key_low"].float()[..., None] + codes * held["key_scale"].float()[..., None]
         rows[:, :, self.zero.to(dev)] = held["key_mean"].float()[..., None]
