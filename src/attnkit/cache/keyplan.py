@@ -102,7 +102,8 @@ class _Recorder:
     post-RoPE queries (their energy per channel, per kv head) and keys, then runs SDPA."""
 
     def __init__(self):
-        self.q2: dict[int, list[Tensor]] = {}
+        self.q2: dict[int, list[Tensor]] = {}  # per layer, Σ q² per (kv head, channel) of each call
+        self.rows: dict[int, int] = {}  # per layer, the query rows summed (batch · query heads per kv head · tokens)
         self.keys: dict[int, list[Tensor]] = {}
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
@@ -112,7 +113,8 @@ class _Recorder:
         hkv = key.shape[1]
         q2 = query.detach().float().pow(2).reshape(b, hkv, hq // hkv, n, d).sum(dim=(0, 2, 3))  # (Hkv, D)
         idx = module.layer_idx
-        self.q2.setdefault(idx, []).append(torch.cat([q2, q2.new_tensor([b * (hq // hkv) * n]).expand(hkv, 1)], -1))
+        self.q2.setdefault(idx, []).append(q2)
+        self.rows[idx] = self.rows.get(idx, 0) + b * (hq // hkv) * n
         self.keys.setdefault(idx, []).extend(key.detach().float().unbind(0))  # (Hkv, T, D) each
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -174,12 +176,10 @@ def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, 
     cost = {b: b + (16 if b == 0 else 32) / group_size for b in opts}
     plan = []
     for layer in sorted(rec.q2):
-        stats = torch.stack(rec.q2[layer]).sum(0)  # (Hkv, D + 1)
-        weight = stats[:, :-1] / stats[:, -1:]  # E[q_c²] per kv head (over its query heads)
+        weight = torch.stack(rec.q2[layer]).sum(0) / rec.rows[layer]  # (Hkv, D): E[q_c²] over its query heads
         errs = [channel_errors(kb, group_size, opts) for kb in rec.keys[layer]]
         counts = [kb.shape[1] // group_size for kb in rec.keys[layer]]
-        total = sum(counts)
-        err = {b: sum(e[b] * c for e, c in zip(errs, counts)) / max(total, 1) for b in opts}
+        err = {b: sum(e[b] * c for e, c in zip(errs, counts)) / sum(counts) for b in opts}
         hkv, _, d = rec.keys[layer][0].shape
         budget = hkv * d * (bits + 32 / group_size)
         plan.append(allocate_bits(weight, err, cost, budget).tolist())

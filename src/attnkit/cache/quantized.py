@@ -86,14 +86,15 @@ class QuantizedSnapshot(Snapshot):
 
     # -- the fast path: scales folded into the products --------------------------------
 
-    def _key_scores(self, qs: Tensor, g0: int, g1: int) -> Tensor:
+    def _key_scores(self, qs: Tensor, g0: int, g1: int, rows=None) -> Tensor:
         """Scaled scores of qs (B, H, M, D) against key groups [g0, g1): (B, H, M, (g1−g0)·G).
 
         Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group: the codes are used as
         they unpack (:func:`code_matmul`); only the (M, W·k) scores are put back in token
-        order."""
+        order.  Under a plan, ``rows`` are the layout's query rows (:meth:`KeyLayout.rows`),
+        gathered once per call of :meth:`attend`."""
         if self.layout is not None:
-            return self.layout.scores(self.layout.rows(qs), self._held(g0, g1), qs.shape[-2])
+            return self.layout.scores(rows, self._held(g0, g1), qs.shape[-2])
         s, low = self.ks[:, :, g0:g1].float(), self.kl[:, :, g0:g1].float()  # (B, H, nb, D)
         qsg = qs[:, :, None] * s[:, :, :, None, :]  # (B, H, nb, M, D)
         scores = code_matmul(qsg, self.kc[:, :, g0:g1], self.bits)[..., : self.group]  # (B, H, nb, M, G)
@@ -183,10 +184,11 @@ class QuantizedSnapshot(Snapshot):
                 scores = scores.masked_fill(~keep[..., :off], float("-inf"))
             state.add(scores, self.sv.float())
         a0 = self.start
+        rows = self.layout.rows(qs) if self.layout is not None and self.ngroups else None
         for g0 in range(0, self.ngroups, step):
             g1 = min(g0 + step, self.ngroups)
             t0, t1 = g0 * self.group, g1 * self.group
-            scores = self._key_scores(qs, g0, g1)  # (B, H, G·N, L): tokens [a0 + t0, a0 + t1)
+            scores = self._key_scores(qs, g0, g1, rows)  # (B, H, G·N, L): tokens [a0 + t0, a0 + t1)
             if g0 == 0 and self.lead:
                 scores[..., : self.lead] = float("-inf")  # the sinks' places: attended exactly above
             if keep is not None:
@@ -236,9 +238,8 @@ class QuantizedLayer(HeldTensorsLayer):
                  sinks: int = 0, key_bits: Tensor | None = None):
         super().__init__()
         self.layout = None if key_bits is None else KeyLayout(key_bits, group_size, bits)
-        if self.layout is not None:  # the plan's key tensors instead of the uniform ones
-            self._TENSORS = tuple(n for n in self._TENSORS if not n.startswith("key_")) + (
-                "key_residual", *self.layout.names())
+        if self.layout is not None:  # the plan's key tensors (same names, other shapes, plus key_mean)
+            self._TENSORS = tuple(dict.fromkeys((*self._TENSORS, *self.layout.names())))
         self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
         self.sinks = sinks
         self.block, self.materialize = block, materialize
@@ -414,9 +415,10 @@ class QuantizedCache(Cache):
             :func:`attnkit.cache.key_bit_plan`, ``plan[layer][kv head][channel]`` in
             0, 2, 4, 8: the width of each key channel (0: only its group mean is kept),
             fitted on a few batches so that the channels the queries weigh most get the
-            bits, at the key bytes of uniform ``bits``.  At 2 bits on SmolLM2 it takes
-            perplexity from +11-18% (uniform, sinks=4) to about +2.5-4.5%; see
-            :mod:`attnkit.cache.keyplan`.
+            bits, at the key bytes of uniform ``bits``.  At 2 bits on SmolLM2 with sinks=4
+            it takes perplexity on Pride & Prejudice from +12/+16/+21% (uniform) to
+            +2.7/+3.6/+4.7% at 2048/4096/8192 tokens (at 8192 on two more books +4.5% and
+            +6.0%); see :mod:`attnkit.cache.keyplan` and benchmarks/results/cache_cpu.md.
 
     Defaults, and the byte arithmetic behind them (per cached number; an fp16 cache holds
     2 B): codes b/8 B; a group's fp16 scale + fp16 zero point 4 B, i.e. 4/G per key
