@@ -4,14 +4,19 @@ candidate within it (priced at seq_len), round-trips through JSON and patch."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 import torch
 
 import attnkit
 from attnkit.autotune import EXACT, fit_flops, load_plan, save_plan, select
+from attnkit.calibrate import Capture, capture_layers
+from attnkit.core.capabilities import Method
 from attnkit.core.inputs import Shape
 from attnkit.core.registry import resolve
+from attnkit.ops import Exact
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the 'test' extra: pip install -e '.[test]'")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -158,13 +163,13 @@ def test_head_shares_recombine_head_errors_into_the_layer_error(report):
 
 
 def test_per_head_fit_flops_by_share_weighs_heads_by_their_output_norm(report):
-    plan = fit_flops(report, 2.0, per_head=True, by_share=True)
+    plan = fit_flops(report, 2.0, per_head=True, weigh="share")
     assert plan["flops"]["ratio"] >= 2.0 and "share-weighted" in plan["rule"]
     # a head with no share of the output costs nothing to approximate: it takes the cheapest candidate
     table = json.loads(json.dumps(report["table"]))
     for row in table.values():
         row[EXACT]["head_shares"] = [0.0, 0.0, 0.5, 0.5]
-    plan = fit_flops({**report, "table": table}, 1.5, per_head=True, by_share=True)
+    plan = fit_flops({**report, "table": table}, 1.5, per_head=True, weigh="share")
     for layer, entry in plan["layers"].items():
         row = table[layer]
         cheapest = min(r["flops"] for r in row.values() if r.get("error") is not None)
@@ -174,4 +179,102 @@ def test_per_head_fit_flops_by_share_weighs_heads_by_their_output_norm(report):
     for row in table.values():
         del row[EXACT]["head_shares"]
     with pytest.raises(ValueError, match="head_shares"):
-        fit_flops({**report, "table": table}, 2.0, per_head=True, by_share=True)
+        fit_flops({**report, "table": table}, 2.0, per_head=True, weigh="share")
+
+
+# -- weighing head errors by their effect on the loss -----------------------------------
+
+
+def _lm_loss(model, ids):
+    """The summed next-token loss of the last half of ``ids``, as `attnkit eval` scores it."""
+    half = ids.shape[1] // 2
+    logits = model(ids).logits[:, -half - 1 : -1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids[:, -half:].flatten(), reduction="sum")
+
+
+@dataclass(frozen=True)
+class _Nudged(Method):
+    """Exact attention plus ``eps * direction``: a known perturbation of one layer's output."""
+
+    direction: torch.Tensor = field(default=None, compare=False, repr=False)
+    eps: float = 0.0
+
+    name: ClassVar[str] = "nudged"
+    capabilities: ClassVar = Exact.capabilities
+
+    def forward(self, inp, *, need_weights=False, average_weights=False, state=None):
+        out, weights = Exact().forward(inp)
+        return out + self.eps * self.direction.to(out.dtype), weights
+
+    def spec(self) -> str:
+        return "nudged"
+
+
+@pytest.fixture(scope="module")
+def model64(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def test_capture_layers_with_loss_passes_the_gradient_of_the_loss(model64):
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(7))
+    grads = {}
+    capture_layers(model64, [ids], lambda layer, inp, out, grad: grads.__setitem__(layer, (out, grad)), loss=_lm_loss)
+    assert sorted(grads) == [0, 1, 2]
+    assert all(p.requires_grad and p.grad is None for p in model64.parameters())  # weights untouched, restored
+    for layer in (0, 2):  # d loss / d out against a central difference along a random direction
+        out, grad = grads[layer]
+        u = torch.randn(out.shape, generator=torch.Generator().manual_seed(layer), dtype=out.dtype)
+        eps = 1e-4  # LlamaRMSNorm computes in fp32: a smaller step drowns in its rounding
+        with torch.no_grad():
+            with attnkit.patch(model64, {layer: _Nudged(direction=u, eps=eps)}):
+                up = _lm_loss(model64, ids)
+            with attnkit.patch(model64, {layer: _Nudged(direction=u, eps=-eps)}):
+                down = _lm_loss(model64, ids)
+        assert float((up - down) / (2 * eps)) == pytest.approx(float((grad * u).sum()), rel=1e-4)
+        assert grad.abs().sum() > 0
+
+
+def test_autotune_with_loss_records_each_heads_fisher_cost(model64):
+    ids = torch.randint(0, VOCAB, (1, N), generator=torch.Generator().manual_seed(3))
+    report = attnkit.autotune(model64, [ids], max_error=0.3, candidates=CANDIDATES, seq_len=256, loss=_lm_loss)
+    calls = {}
+    capture_layers(model64, [ids], lambda layer, inp, out, grad: calls.__setitem__(layer, (inp, out, grad)),
+                   loss=_lm_loss)
+    spec = "local:window=8"
+    for layer, (inp, out, grad) in calls.items():
+        approx = Capture(inp.q, inp.k, inp.v, inp.attn_mask, inp.is_causal, inp.scale, out).run(resolve(spec))
+        want = ((approx - out) * grad).pow(2).sum((0, 2, 3))  # (Hq,)
+        got = report["table"][str(layer)][spec]["head_fisher"]
+        assert got == pytest.approx(want.tolist(), rel=1e-9, abs=1e-300)
+        assert report["table"][str(layer)][EXACT]["head_fisher"] == [0.0] * 4
+    plan = fit_flops(report, 2.0, per_head=True, weigh="loss")
+    assert plan["flops"]["ratio"] >= 2.0 and "loss" in plan["rule"]
+    # a Lagrangian choice: no plan that swaps one head's method and costs no more FLOPs has a smaller summed cost
+    table = report["table"]
+
+    def total(choices):
+        return sum(table[k][sp]["head_fisher"][h] for k, picks in choices.items() for h, sp in enumerate(picks))
+
+    chosen = {k: ([e] * 4 if isinstance(e, str) else list(e)) for k, e in plan["layers"].items()}
+    swaps = 0
+    for k, picks in chosen.items():
+        for h in range(4):
+            for sp, r in table[k].items():
+                if r.get("error") is None or sp == picks[h]:
+                    continue
+                alt = {**chosen, k: picks[:h] + [sp] + picks[h + 1 :]}
+                if sum(table[j][s]["flops"] for j, p in alt.items() for s in p) / 4 <= plan["flops"]["plan"]:
+                    swaps += 1
+                    assert total(alt) >= total(chosen) * (1 - 1e-9)
+    assert swaps > 0
+
+
+def test_fit_flops_weigh_needs_what_it_weighs(report):
+    with pytest.raises(ValueError, match="head_fisher.*loss="):
+        fit_flops(report, 2.0, per_head=True, weigh="loss")
+    with pytest.raises(ValueError, match="weigh"):
+        fit_flops(report, 2.0, per_head=True, weigh="perplexity")
+    with pytest.raises(ValueError, match="per_head=True"):
+        fit_flops(report, 2.0, weigh="share")

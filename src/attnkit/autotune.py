@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -31,7 +31,7 @@ from .core.inputs import AttentionInputs, Shape
 from .core.registry import MethodSpec, resolve
 from .ops import Exact
 
-__all__ = ["DEFAULT_CANDIDATES", "PLAN_FORMAT", "autotune", "fit_flops", "load_plan", "save_plan", "select"]
+__all__ = ["DEFAULT_CANDIDATES", "PLAN_FORMAT", "WEIGHTS", "autotune", "fit_flops", "load_plan", "save_plan", "select"]
 
 PLAN_FORMAT = 1
 EXACT = "auto"
@@ -66,6 +66,7 @@ def autotune(
     seq_len: int | None = None,
     layers: Iterable[int] | None = None,
     per_head: bool = False,
+    loss: Callable[[nn.Module, object], Tensor] | None = None,
 ) -> dict:
     """Pick per layer the cheapest candidate whose attention output stays within
     ``max_error`` (relative Frobenius error against exact attention) on ``batches``.
@@ -80,6 +81,13 @@ def autotune(
         seq_len: N at which costs are compared (default: the calibration length).
         layers: plan only these layers (default: every layer); the others run exact.
         per_head: choose per query head (δ bounds each head's error) instead of per layer.
+        loss: ``loss(model, batch)`` -> a scalar, e.g. the LM loss of the tokens that will
+            be scored.  When given, the table also records per head how much each
+            candidate's error moves that loss: ``head_fisher``, the sum over the head's
+            outputs of (d loss / d out)² x (A~ - A)² -- the diagonal empirical-Fisher
+            estimate of E[(Δ loss)²] -- which :func:`fit_flops` can minimise
+            (``weigh="loss"``) instead of the output error.  Costs one backward pass per
+            batch.
 
     Returns:
         A JSON-serialisable plan::
@@ -89,7 +97,8 @@ def autotune(
              "table": {"0": {spec: {"error": e, "flops": f, "head_errors": [...]}}}}
 
         (the exact row also holds ``head_shares``: each head's share of the exact output's
-        squared norm, so the layer's error is sqrt(sum of share x head error squared)).
+        squared norm, so the layer's error is sqrt(sum of share x head error squared);
+        with ``loss``, every row also holds ``head_fisher``).
 
         that :func:`attnkit.patch` (and ``--plan``) accept.
 
@@ -100,15 +109,16 @@ def autotune(
         raise ValueError(f"argument 'max_error': expected a relative error > 0 such as 0.05, got {max_error!r}")
     specs = [resolve(c) for c in (candidates if candidates is not None else DEFAULT_CANDIDATES)]
     exact = Exact()
-    sums: dict[int, dict[str, list]] = {}  # layer -> spec -> [num (Hq,), den (Hq,)] or reason
+    sums: dict[int, dict[str, list]] = {}  # layer -> spec -> [num (Hq,), den (Hq,), fisher (Hq,)] or reason
     shapes: dict[int, Shape] = {}
 
-    def measure(layer: int, inp: AttentionInputs, out: Tensor) -> None:
+    def measure(layer: int, inp: AttentionInputs, out: Tensor, grad: Tensor | None = None) -> None:
         cap = Capture(inp.q, inp.k, inp.v, inp.attn_mask, inp.is_causal, inp.scale, out)
         shapes.setdefault(layer, inp.shape)
         row = sums.setdefault(layer, {})
         ref = out.double()
-        den = ref.pow(2).flatten(0, -4).sum((0, 2, 3)) if ref.dim() > 3 else ref.pow(2).sum((1, 2))  # (Hq,)
+        den = _per_head(ref.pow(2))
+        g2 = None if grad is None else grad.double().pow(2)
         for m in specs:
             key = m.spec()
             if isinstance(row.get(key), str):
@@ -118,11 +128,12 @@ def autotune(
                 row[key] = "; ".join(reasons)
                 continue
             diff = (cap.run(m, _state_for(m, inp)).double() - ref).pow(2)
-            num = diff.flatten(0, -4).sum((0, 2, 3)) if diff.dim() > 3 else diff.sum((1, 2))  # (Hq,)
-            acc = row.setdefault(key, [0.0, 0.0])
-            acc[0], acc[1] = acc[0] + num, acc[1] + den
+            acc = row.setdefault(key, [0.0, 0.0, 0.0])
+            acc[0], acc[1] = acc[0] + _per_head(diff), acc[1] + den
+            if g2 is not None:
+                acc[2] = acc[2] + _per_head(diff * g2)
 
-    capture_layers(model, batches, measure, layers=layers)
+    capture_layers(model, batches, measure, layers=layers, loss=loss)
     if not sums:
         raise ValueError("argument 'batches': no batch was given; pass at least one model input")
     table: dict[str, dict[str, dict]] = {}
@@ -130,15 +141,19 @@ def autotune(
         shape = shapes[layer]
         at_n = Shape(1, shape.hq, shape.hkv, seq_len or shape.n, seq_len or shape.s, shape.d, shape.dv, shape.is_causal)
         row = {EXACT: {"error": 0.0, "flops": exact.flops(at_n), "head_errors": [0.0] * shape.hq}}
+        if loss is not None:
+            row[EXACT]["head_fisher"] = [0.0] * shape.hq
         for m in specs:
             got = sums[layer].get(m.spec())
             if isinstance(got, str) or got is None:
                 row[m.spec()] = {"error": None, "flops": None, "skipped": got or "not run"}
                 continue
-            num, den = got
+            num, den, fisher = got
             heads = (num / den.clamp(min=1e-300)).sqrt()
             row[m.spec()] = {"error": math.sqrt(float(num.sum()) / max(float(den.sum()), 1e-300)),
                              "flops": m.flops(at_n), "head_errors": [round(float(h), 6) for h in heads]}
+            if loss is not None:
+                row[m.spec()]["head_fisher"] = [float(f) for f in fisher]
         measured = [got for got in sums[layer].values() if not isinstance(got, str)]
         if measured:  # each head's share of the exact output's squared norm (the same den for every candidate)
             den = measured[0][1]
@@ -146,6 +161,11 @@ def autotune(
         table[str(layer)] = row
     seq = seq_len or next(iter(shapes.values())).n
     return select({"format": PLAN_FORMAT, "seq_len": seq, "table": table}, max_error, per_head=per_head)
+
+
+def _per_head(x: Tensor) -> Tensor:
+    """Sum of (*batch, Hq, N, Dv) over everything but the head: (Hq,)."""
+    return x.flatten(0, -4).sum((0, 2, 3)) if x.dim() > 3 else x.sum((1, 2))
 
 
 def _state_for(method: Method, inp: AttentionInputs):
@@ -169,63 +189,88 @@ def select(report: Mapping, max_error: float, *, per_head: bool = False) -> dict
                  "per-layer: cheapest within δ per layer")
 
 
-def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False, by_share: bool = False) -> dict:
+WEIGHTS = ("error", "share", "loss")
+"""What :func:`fit_flops` per head minimises: the sum over heads of their squared
+relative errors (``"error"``), of those weighted by each head's share of its layer's
+output norm (``"share"``: the sum of the layers' squared errors), or of their estimated
+squared effect on the loss (``"loss"``: the table's ``head_fisher``)."""
+
+
+def fit_flops(report: Mapping, ratio: float, *, per_head: bool = False, weigh: str = "error") -> dict:
     """A plan whose attention FLOPs are at most exact / ``ratio``.
 
     Per layer (default): the plan with the smallest δ that is cheap enough -- tries every
     error in the table as δ, in increasing order.  Per head (``per_head=True``): the
-    choice that minimises the sum over all heads of their squared relative errors within
-    the FLOP budget, by Lagrangian relaxation -- each head takes the candidate minimising
-    ``error**2 + λ * flops``, with λ the smallest (bisected) that meets the budget.  Per
+    choice that minimises the sum over all heads of their costs within the FLOP budget,
+    by Lagrangian relaxation -- each head takes the candidate minimising
+    ``cost + λ * flops``, with λ the smallest (bisected) that meets the budget.  Per
     head, a far-reaching head gets a wide window and a local one a narrow window, where
-    a per-layer plan must give every head of a layer the same.  With ``by_share``, each
-    head's squared error is weighted by its share of the layer's output norm (the table's
-    ``head_shares``), so the objective is the sum over layers of their squared errors.
+    a per-layer plan must give every head of a layer the same.  A head's cost
+    (``weigh``, one of :data:`WEIGHTS`) is its squared relative error, that weighted by
+    its share of the layer's output norm (the table's ``head_shares``), or its estimated
+    squared effect on the loss (``head_fisher``, measured by :func:`autotune` with
+    ``loss=``): the output error is a proxy for what a plan loses, the loss is the thing
+    itself, to first order.
 
     Raises:
-        ValueError: no candidate set reaches ``ratio`` (add cheaper candidates).
+        ValueError: no candidate set reaches ``ratio`` (add cheaper candidates), ``weigh``
+            is unknown or needs what the table lacks.
     """
     table = report["table"]
     fail = ValueError(f"argument 'ratio': no plan from these candidates saves {ratio}x attention FLOPs; "
                       f"add cheaper candidates")
+    if weigh not in WEIGHTS:
+        raise ValueError(f"argument 'weigh': expected one of {list(WEIGHTS)}, got {weigh!r}")
     if not per_head:
+        if weigh != "error":
+            raise ValueError(f"argument 'weigh': {weigh!r} weighs heads; pass per_head=True with it")
         errors = sorted({r["error"] for row in table.values() for r in row.values() if r.get("error")})
         for delta in errors:
             plan = select(report, delta)
             if plan["flops"]["ratio"] >= ratio:
                 return plan
         raise fail
+    key = {"share": "head_shares", "loss": "head_fisher"}.get(weigh)
+    rows = ([row[EXACT] for row in table.values()] if weigh == "share" else
+            [r for row in table.values() for r in row.values() if r.get("error") is not None])
+    if key and any(key not in r for r in rows):
+        how = "autotune(..., loss=...)" if weigh == "loss" else "autotune again (this table predates them)"
+        raise ValueError(f"argument 'weigh': {weigh!r} needs the table's {key}, which it lacks; measure it with {how}")
     exact = sum(row[EXACT]["flops"] for row in table.values())
-    if by_share and any("head_shares" not in row[EXACT] for row in table.values()):
-        raise ValueError("argument 'by_share': this table has no head_shares (measured before they were recorded); "
-                         "run autotune again")
+
+    def head_cost(row: Mapping, spec: str, h: int) -> float:
+        if weigh == "loss":
+            return row[spec]["head_fisher"][h]
+        share = row[EXACT]["head_shares"][h] if weigh == "share" else 1.0
+        return share * row[spec]["head_errors"][h] ** 2
 
     def choose(lam: float) -> tuple[dict, float]:
         choices, cost = {}, 0.0
         for layer, row in table.items():
             hq = _heads(row)
-            weight = row[EXACT]["head_shares"] if by_share else [1.0] * hq
             picks = []
             for h in range(hq):
-                spec = min(_usable(row), key=lambda sp: (weight[h] * row[sp]["head_errors"][h] ** 2
-                                                         + lam * row[sp]["flops"] / hq,
+                spec = min(_usable(row), key=lambda sp: (head_cost(row, sp, h) + lam * row[sp]["flops"] / hq,
                                                          row[sp]["flops"], sp != EXACT))
                 picks.append(spec)
                 cost += row[spec]["flops"] / hq
             choices[layer] = picks
         return choices, cost
 
-    lo, hi = 0.0, 1.0 / max(exact, 1e-300)
+    unit = max((head_cost(row, sp, h) for row in table.values() for sp in _usable(row) for h in range(_heads(row))),
+               default=0.0) or 1.0  # λ in the costs' own units
+    lo, hi = 0.0, unit / max(exact, 1e-300)
     while choose(hi)[1] * ratio > exact:
         hi *= 4
-        if hi > 1e6 / max(exact, 1e-300):
+        if hi > 1e6 * unit / max(exact, 1e-300):
             raise fail
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if choose(mid)[1] * ratio <= exact else (mid, hi)
     choices, _ = choose(hi)
     worst = max(table[layer][spec]["head_errors"][h] for layer, picks in choices.items() for h, spec in enumerate(picks))
-    what = "share-weighted squared head errors" if by_share else "squared head errors"
+    what = {"error": "squared head errors", "share": "share-weighted squared head errors",
+            "loss": "head errors' squared effect on the loss (diagonal Fisher)"}[weigh]
     return _plan(report, choices, worst, f"per-head: least sum of {what} at {ratio}x fewer FLOPs")
 
 

@@ -29,7 +29,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -115,14 +115,16 @@ def _forward(model: nn.Module, batch) -> None:
 def capture_layers(
     model: nn.Module,
     batches: Iterable,
-    sink: Callable[[int, AttentionInputs, Tensor], None],
+    sink: Callable[..., None],
     *,
     layers: Iterable[int] | None = None,
+    loss: Callable[[nn.Module, object], Tensor] | None = None,
 ) -> None:
     """Run the model with exact attention and call ``sink(layer, inputs, exact_out)`` for
     every attention call of every layer (inputs: :class:`AttentionInputs`, out (B, Hq, N, Dv)).
 
-    Runs under ``torch.no_grad()``; the model is patched for the duration only.
+    Runs under ``torch.no_grad()`` (unless ``loss`` is given); the model is patched for
+    the duration only.
 
     Args:
         model: a model :func:`attnkit.patch` can patch, not patched already.
@@ -130,12 +132,44 @@ def capture_layers(
             positional arguments, or dicts of keyword arguments.
         sink: called once per layer per batch, in layer order.
         layers: only these layer indices (default: every layer).
+        loss: ``loss(model, batch)`` -> a scalar.  When given, each batch is run through
+            it with gradients and back-propagated, and ``sink`` gets a fourth argument:
+            d loss / d exact_out (B, Hq, N, Dv), the sensitivity of the loss to that
+            layer's attention output (zeros where the loss does not depend on it).  The
+            model's weights get no gradients (their ``requires_grad`` is turned off for
+            the pass and restored); ``inputs`` and ``exact_out`` are detached.
     """
     wanted = _layers_of(model) if layers is None else sorted({int(i) for i in layers})
-    plan = {layer: _Probe(layer=layer, sink=sink) for layer in wanted}
-    with torch.no_grad(), patch(model, plan):
-        for batch in batches:
-            _forward(model, batch)
+    if loss is None:
+        plan = {layer: _Probe(layer=layer, sink=sink) for layer in wanted}
+        with torch.no_grad(), patch(model, plan):
+            for batch in batches:
+                _forward(model, batch)
+        return
+    for batch in batches:
+        calls: list[list] = []
+
+        def keep(layer: int, inp: AttentionInputs, out: Tensor) -> None:
+            if not out.requires_grad:  # the first probed layer: nothing before it carries a gradient
+                out.requires_grad_()
+            call = [layer, inp, out, None]
+            out.register_hook(lambda g, call=call: call.__setitem__(3, g))
+            calls.append(call)
+
+        plan = {layer: _Probe(layer=layer, sink=keep) for layer in wanted}
+        weights = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for p in weights:
+                p.requires_grad_(False)
+            with torch.enable_grad(), patch(model, plan):
+                loss(model, batch).backward()
+        finally:
+            for p in weights:
+                p.requires_grad_(True)
+        with torch.no_grad():
+            for layer, inp, out, grad in calls:
+                inp = replace(inp, q=inp.q.detach(), k=inp.k.detach(), v=inp.v.detach())
+                sink(layer, inp, out.detach(), torch.zeros_like(out) if grad is None else grad)
 
 
 def relative_error(out: Tensor, ref: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:

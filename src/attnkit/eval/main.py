@@ -4,7 +4,8 @@ Subcommands::
 
     attnkit eval perplexity --model smollm2 --data wiki|books --context N [--method M ...] [--plan P ...]
     attnkit eval sentiment  --model minilm [--method M ...]
-    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R] [--per-head [--by-share]]
+    attnkit eval autotune   --model smollm2 --data books --context N --max-error D [--flops-ratio R]
+                            [--per-head [--weigh error|share|loss]]
                             [--table measured_plan.json] --out plan.json
     attnkit eval trainstep  --model smollm2 --context 2048
 
@@ -161,12 +162,14 @@ def cmd_autotune(args) -> dict:
             raise SystemExit(f"attnkit eval autotune: argument --table: {args.table} was measured for context "
                              f"{report.get('seq_len')}, not --context {args.context}")
     else:
+        from .perplexity import scored_nll
+
         model, tokenizer = _load(args.model)
         batches = _calibration_batches(tokenizer, args.data, args.context, args.calibrate_batches)
         report = autotune(model, batches, max_error=args.max_error, candidates=args.method or None,
-                          seq_len=args.context)
+                          seq_len=args.context, loss=scored_nll if args.weigh == "loss" else None)
     if args.flops_ratio:
-        plan = fit_flops(report, args.flops_ratio, per_head=args.per_head, by_share=args.by_share)
+        plan = fit_flops(report, args.flops_ratio, per_head=args.per_head, weigh=args.weigh)
     else:
         plan = select(report, args.max_error, per_head=args.per_head)
     save_plan(plan, args.out)
@@ -245,8 +248,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--calibrate-batches", type=int, default=1)
     q.add_argument("--per-head", action="store_true",
                    help="choose per query head (a layer's heads may run different methods) instead of per layer")
-    q.add_argument("--by-share", action="store_true", help="with --per-head and --flops-ratio: weigh each head's "
-                   "error by its share of the layer's output norm")
+    q.add_argument("--weigh", choices=["error", "share", "loss"], default="error",
+                   help="with --per-head and --flops-ratio, minimise the summed squared head errors (error), those "
+                   "weighted by each head's share of its layer's output norm (share), or the head errors' estimated "
+                   "squared effect on the scored tokens' loss (loss: the table is measured with one backward pass "
+                   "per calibration window)")
+    q.add_argument("--by-share", dest="weigh", action="store_const", const="share", help="the same as --weigh share")
     q.add_argument("--table", type=Path, help="re-plan from the measured table in this plan file (from --out) "
                    "instead of running the model")
     q.add_argument("--out", required=True, help="plan JSON file to write")

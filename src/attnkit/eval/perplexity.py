@@ -34,6 +34,7 @@ __all__ = [
     "attention_flops",
     "default_methods",
     "perplexity_rows",
+    "scored_nll",
     "token_ids",
     "windows",
 ]
@@ -134,28 +135,32 @@ class _Score:
     peak_bytes: int | None = None
 
 
+def scored_nll(model: nn.Module, ids: Tensor) -> Tensor:
+    """The summed next-token NLL of the scored last half of a (1, N) window: the loss
+    perplexity is made of, and the loss ``attnkit eval autotune --weigh loss`` weighs
+    attention errors by.  Differentiable (call it under ``no_grad`` to score)."""
+    half = ids.shape[1] // 2
+    logits = model(ids, logits_to_keep=half + 1).logits  # only the scored half: (1, half + 1, V), not (1, N, V)
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, -half:], reduction="sum")
+
+
 def _score(model, wins: list[Tensor], measure_memory: bool) -> _Score:
     s = _Score()
     for i, ids in enumerate(wins):
-        half = ids.shape[1] // 2
-
-        def fwd(ids=ids, half=half):
+        def fwd(ids=ids):
             with torch.no_grad():
-                # only the scored half needs logits: (1, half + 1, V) instead of (1, N, V)
-                return model(ids, logits_to_keep=half + 1).logits
+                return scored_nll(model, ids)
 
         t0 = time.perf_counter()
         if measure_memory and i == 0:
             box = {}
-            mem = peak_memory_here(lambda box=box: box.setdefault("logits", fwd()), probe="profiler")
-            logits, s.peak_bytes = box["logits"], mem.peak_bytes
+            mem = peak_memory_here(lambda box=box: box.setdefault("nll", fwd()), probe="profiler")
+            nll, s.peak_bytes = box["nll"], mem.peak_bytes
         else:
-            logits = fwd()
+            nll = fwd()
         s.seconds += time.perf_counter() - t0
-        pred = logits[0, :-1].float()  # (half, V): predicts tokens N-half .. N-1
-        target = ids[0, -half:]
-        s.nll += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
-        s.tokens += half
+        s.nll += float(nll)
+        s.tokens += ids.shape[1] // 2
     return s
 
 
