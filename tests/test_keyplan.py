@@ -109,6 +109,8 @@ def test_plan_fitted_on_a_model_runs_generate_and_round_trips(tiny_llama, tmp_pa
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
     before = model.config._attn_implementation
     plan = key_bit_plan(model, [ids[:, :32], ids[:, 8:]], bits=2, group_size=8)
+    assert set(plan) == {"key_bits"}  # no value channel asked for
+    plan = plan["key_bits"]
     assert model.config._attn_implementation == before  # the calibration attention is taken off again
     assert keyplan._ACTIVE == []  # and nothing keeps the recorded keys alive
     assert len(plan) == 2 and all(torch.tensor(p).shape == (2, 16) for p in plan)
@@ -117,10 +119,10 @@ def test_plan_fitted_on_a_model_runs_generate_and_round_trips(tiny_llama, tmp_pa
         assert set(b.unique().tolist()) <= {0, 2, 4}
         cost = torch.where(b == 0, 16 / 8, b + 32 / 8).sum()
         assert cost <= b.numel() * (2 + 32 / 8) + 1e-9  # the key bytes of uniform 2-bit
-    eight_bit = key_bit_plan(model, [ids], bits=8, group_size=8)  # default widths 0 and 8 (16 does not exist)
+    eight_bit = key_bit_plan(model, [ids], bits=8, group_size=8)["key_bits"]  # default widths 0 and 8 (not 16)
     assert set(torch.tensor(eight_bit).unique().tolist()) <= {0, 8}
     save_plan(plan, tmp_path / "plan.json")
-    assert load_plan(tmp_path / "plan.json") == plan
+    assert load_plan(tmp_path / "plan.json") == {"key_bits": plan}
     (tmp_path / "bad.json").write_text(json.dumps({"plan": plan}))
     with pytest.raises(ValueError, match="not an attnkit key bit plan"):
         load_plan(tmp_path / "bad.json")

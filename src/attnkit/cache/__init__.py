@@ -2,7 +2,8 @@
 
 * :class:`QuantizedCache` -- keys per channel, values per token, 8/4/2-bit codes packed
   with fp16 scales and zero points; attention dequantizes block by block.  With
-  ``key_bits=key_bit_plan(model, batches)``, key channels get 0/b/2b bits by query energy.
+  ``key_bits=key_bit_plan(model, batches)``, key channels get 0/b/2b bits by query energy
+  (and, with ``value_channels=k``, each kv head's k largest value channels are held apart).
 * :class:`CompressedMemory` -- attention sinks + a recent window + a FAVOR+ summary of
   everything evicted: constant size however long the sequence.
 * :func:`cache_attention` reads the :class:`CacheView` pairs their ``update()`` returns;

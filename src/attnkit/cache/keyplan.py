@@ -20,6 +20,16 @@ each channel's error-vs-cost curve.  This is the bit allocation of transform cod
 (reverse water-filling), with the query energy as the weight; the model's weights are
 untouched.  KVQuant (Hooper et al. 2024) calibrates its key datatypes offline in the same
 spirit; the channel weighting by query energy follows from the score error alone.
+
+With ``value_channels=k`` the plan also names each (layer, kv head)'s k value channels that
+most often set the per-token value groups' ranges on the same tokens, which the cache holds
+apart (:mod:`attnkit.cache.valuechannels`), at k·(4 + 32/G) bits per kv head and token on
+top of the keys' (``budget`` can make the key widths pay for them).
+
+A plan is one JSON-serialisable dict: ``{"key_bits": [layer][kv head][channel] widths,
+"value_channels": [layer][kv head][k] channel indices}`` (the second entry only when
+fitted); a plan from before value channels, the bare ``key_bits`` nested list, still
+serves (:func:`as_plan`).
 """
 
 from __future__ import annotations
@@ -31,10 +41,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["allocate_bits", "channel_errors", "key_bit_plan", "load_plan", "save_plan"]
+__all__ = ["PLAN_ENTRIES", "allocate_bits", "as_plan", "channel_errors", "key_bit_plan", "load_plan", "save_plan"]
 
 _NAME = "attnkit_key_calibration"
 STACK_ROWS = 64  # query rows (all heads) up to which one stacked product per width serves every head
+PLAN_ENTRIES = ("key_bits", "value_channels")
 
 
 def channel_errors(k: Tensor, group: int, options: Iterable[int]) -> dict[int, Tensor]:
@@ -99,12 +110,14 @@ def allocate_bits(weight: Tensor, errors: dict[int, Tensor], cost: dict[int, flo
 
 class _Recorder:
     """The attention function registered while calibrating: records each layer's
-    post-RoPE queries (their energy per channel, per kv head) and keys, then runs SDPA."""
+    post-RoPE queries (their energy per channel, per kv head), keys and, if asked, values,
+    then runs SDPA."""
 
-    def __init__(self):
+    def __init__(self, values: bool):
         self.q2: dict[int, list[Tensor]] = {}  # per layer, Σ q² per (kv head, channel) of each call
         self.rows: dict[int, int] = {}  # per layer, the query rows summed (batch · query heads per kv head · tokens)
         self.keys: dict[int, list[Tensor]] = {}
+        self.values: dict[int, list[Tensor]] | None = {} if values else None
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -116,6 +129,8 @@ class _Recorder:
         self.q2.setdefault(idx, []).append(q2)
         self.rows[idx] = self.rows.get(idx, 0) + b * (hq // hkv) * n
         self.keys.setdefault(idx, []).extend(key.detach().float().unbind(0))  # (Hkv, T, D) each
+        if self.values is not None:
+            self.values.setdefault(idx, []).extend(value.detach().float().unbind(0))  # (Hkv, T, Dv) each
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -130,32 +145,45 @@ def _record(module, query, key, value, attention_mask, **kwargs):
 
 @torch.no_grad()
 def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, group_size: int = 64,
-                 options: Iterable[int] | None = None) -> list[list[list[int]]]:
-    """Fit per-channel key bit widths for ``QuantizedCache(bits, group_size, key_bits=plan)``.
+                 options: Iterable[int] | None = None, value_channels: int = 0,
+                 budget: float | None = None) -> dict[str, list]:
+    """Fit per-channel key bit widths (and value channels to hold apart) for
+    ``QuantizedCache(bits, group_size, key_bits=plan)``.
 
     Args:
         model: a transformers model using the attention interface (Llama-style); run once
             per batch with exact SDPA attention, nothing of it changed.
         batches: token id tensors (B, T), T >= ``group_size`` (a few thousand tokens of
             text like the one to be cached).
-        bits: the cache's bit width; the plan costs the same key bytes as uniform ``bits``.
+        bits: the cache's bit width.
         group_size: the cache's G.
         options: widths a channel may take (default 0, bits, min(2·bits, 8); each in 0, 2, 4, 8).
+        value_channels: k >= 0, value channels per (layer, kv head) to hold apart (those whose
+            removal most shrinks the per-token value groups' ranges), 4-bit per channel over
+            groups of G tokens.
+        budget: bits per key number the key widths may spend, scales, lows and means
+            counted.  Default: uniform ``bits``' (bits + 32/G).  The held-apart value
+            channels cost k·(4 + 32/G) bits per kv head and token on top; to keep the whole
+            plan at uniform ``bits``' key bytes, pass bits + 32/G − k·(4 + 32/G)/D.
 
     Returns:
-        plan[layer][kv head][channel] = bits, a JSON-serialisable nested list.
+        ``{"key_bits": plan[layer][kv head][channel] = bits}``, plus ``"value_channels":
+        [layer][kv head] = k channel indices`` when k > 0: a JSON-serialisable dict.
     """
     from transformers import AttentionInterface
 
     from .quant import BITS
+    from .valuechannels import range_channels
 
     opts = sorted(set(options if options is not None else (0, bits, min(2 * bits, 8))))
     bad = [b for b in opts if b != 0 and b not in BITS]
     if bad or bits not in BITS:
         raise ValueError(f"key_bit_plan: 'bits' and 'options' must be in {BITS} (options may add 0), got {bits}, {opts}")
+    if isinstance(value_channels, bool) or not isinstance(value_channels, int) or value_channels < 0:
+        raise ValueError(f"key_bit_plan: argument 'value_channels' must be an int >= 0, got {value_channels!r}")
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"key_bit_plan: argument 'model' must be a transformers PreTrainedModel, got {type(model).__name__}")
-    rec = _Recorder()
+    rec = _Recorder(values=value_channels > 0)
     AttentionInterface.register(_NAME, _record)
     previous = model.config._attn_implementation
     _ACTIVE.append(rec)
@@ -174,29 +202,51 @@ def key_bit_plan(model: nn.Module, batches: Iterable[Tensor], *, bits: int = 2, 
         raise TypeError("key_bit_plan: the model's attention did not run through transformers' attention interface "
                         "(a Llama-style model with config._attn_implementation is needed)")
     cost = {b: b + (16 if b == 0 else 32) / group_size for b in opts}
-    plan = []
+    per_number = budget if budget is not None else bits + 32 / group_size
+    if per_number < min(cost.values()):
+        raise ValueError(f"key_bit_plan: argument 'budget' is {per_number:.3f} bits per key number, below the "
+                         f"cheapest width's {min(cost.values()):.3f}")
+    plan = {name: [] for name in PLAN_ENTRIES[: 2 if value_channels else 1]}
     for layer in sorted(rec.q2):
         weight = torch.stack(rec.q2[layer]).sum(0) / rec.rows[layer]  # (Hkv, D): E[q_c²] over its query heads
         errs = [channel_errors(kb, group_size, opts) for kb in rec.keys[layer]]
         counts = [kb.shape[1] // group_size for kb in rec.keys[layer]]
         err = {b: sum(e[b] * c for e, c in zip(errs, counts)) / sum(counts) for b in opts}
         hkv, _, d = rec.keys[layer][0].shape
-        budget = hkv * d * (bits + 32 / group_size)
-        plan.append(allocate_bits(weight, err, cost, budget).tolist())
+        plan["key_bits"].append(allocate_bits(weight, err, cost, hkv * d * per_number).tolist())
+        if value_channels:
+            values = torch.cat(rec.values[layer], dim=1)  # (Hkv, T, Dv): every batch's tokens
+            if value_channels >= values.shape[-1]:
+                raise ValueError(f"key_bit_plan: argument 'value_channels' must be below the value dim "
+                                 f"{values.shape[-1]}, got {value_channels}")
+            plan["value_channels"].append(range_channels(values, value_channels, group_size).tolist())
     return plan
 
 
-def save_plan(plan: list, path: str | Path) -> None:
-    """Write a key bit plan as JSON."""
-    Path(path).write_text(json.dumps({"kind": "attnkit.key_bits", "version": 1, "plan": plan}))
+def as_plan(plan, where: str = "as_plan: argument 'plan'") -> dict[str, list]:
+    """A cache plan as the dict of its entries: :func:`key_bit_plan`'s dict as it is, a bare
+    ``plan[layer][kv head][channel]`` of key widths (a plan from before value channels) as
+    its ``"key_bits"``.  ``where`` names the plan in the error."""
+    if not isinstance(plan, dict):
+        return {"key_bits": plan}
+    if not plan or set(plan) - set(PLAN_ENTRIES):
+        raise ValueError(f"{where} must be a plan from attnkit.cache.key_bit_plan, a dict with entries among "
+                         f"{PLAN_ENTRIES} (or the key widths alone), got entries {sorted(plan)}")
+    return dict(plan)
 
 
-def load_plan(path: str | Path) -> list[list[list[int]]]:
-    """Read a plan :func:`save_plan` wrote (JSON only: loading cannot run code)."""
+def save_plan(plan: dict | list, path: str | Path) -> None:
+    """Write a plan as JSON (version 2: the dict of :func:`as_plan`)."""
+    Path(path).write_text(json.dumps({"kind": "attnkit.key_bits", "version": 2, "plan": as_plan(plan, "save_plan: argument 'plan'")}))
+
+
+def load_plan(path: str | Path) -> dict[str, list]:
+    """Read a plan :func:`save_plan` wrote (JSON only: loading cannot run code), as the dict
+    of :func:`as_plan`; a version-1 file (key widths alone) gives ``{"key_bits": ...}``."""
     obj = json.loads(Path(path).read_text())
-    if not isinstance(obj, dict) or obj.get("kind") != "attnkit.key_bits" or obj.get("version") != 1:
-        raise ValueError(f"load_plan: {path} is not an attnkit key bit plan (kind attnkit.key_bits, version 1)")
-    return obj["plan"]
+    if not isinstance(obj, dict) or obj.get("kind") != "attnkit.key_bits" or obj.get("version") not in (1, 2):
+        raise ValueError(f"load_plan: {path} is not an attnkit key bit plan (kind attnkit.key_bits, version 1 or 2)")
+    return as_plan(obj["plan"], f"load_plan: the plan in {path}")
 
 
 class KeyLayout:

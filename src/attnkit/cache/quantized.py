@@ -13,8 +13,9 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from .quant import BITS, SCALES, code_matmul, code_order, dequantize, pack, quantize, unpack, unpack_bytes
-from .keyplan import KeyLayout
+from .keyplan import KeyLayout, as_plan
 from .layer import HeldTensorsLayer
+from .valuechannels import ValueChannels
 from .views import CacheView, OnlineSoftmax, Snapshot, new_token_keep
 
 __all__ = ["QuantizedCache", "QuantizedLayer", "QuantizedSnapshot"]
@@ -46,6 +47,8 @@ class QuantizedSnapshot(Snapshot):
             self.kheld = {name: getattr(layer, name) for name in self.layout.names()}  # (B, nG, E, ·) each
             self.ngroups = next(iter(self.kheld.values())).shape[1]
         self.vc, self.vs, self.vl = layer.value_codes, layer.value_scale, layer.value_low  # (B, H, Lv, ng, ·)
+        self.apart = layer.apart  # None, or the value channels held apart (then their slots in vc are placeholders)
+        self.vheld = {} if self.apart is None else {name: getattr(layer, name) for name in self.apart.names()}
         self.kr, self.vr = layer.key_residual, layer.value_residual  # (B, H, ·, D), (B, H, ·, Dv)
         self.sk, self.sv = layer.sink_keys, layer.sink_values  # (B, H, S, D), (B, H, S, Dv)
         self.offset = self.sk.shape[-2]  # S
@@ -74,7 +77,19 @@ class QuantizedSnapshot(Snapshot):
         """Value rows [t0, t1) (t1 <= Lv) dequantized: (B, H, t1−t0, Dv) fp32."""
         codes = unpack(self.vc[:, :, t0:t1], self.bits, self.vgroup)  # (B, H, L, ng, Gv)
         v = dequantize(codes, self.vs[:, :, t0:t1], self.vl[:, :, t0:t1])  # (B, H, L, ng, Gv)
-        return v.flatten(-2)[..., : self.value_dim]  # (B, H, L, Dv)
+        v = v.flatten(-2)[..., : self.value_dim]  # (B, H, L, Dv)
+        return v if self.apart is None else self.apart.put(v, self.apart.rows(self.vheld, t0, t1))
+
+    def _with_apart(self, out: Tensor, p: Tensor, t0: int, t1: int) -> Tensor:
+        """out (B, H, M, Dv) = p (B, H, M, t1−t0) times the packed value rows [t0, t1), with
+        the held-apart channels' columns (products of placeholder codes) replaced by p times
+        the held-apart rows, read a block at a time."""
+        if self.apart is None:
+            return out
+        span = max(1, self.block // self.group) * self.group
+        x = sum(torch.matmul(p[..., a - t0 : min(a + span, t1) - t0], self.apart.rows(self.vheld, a, min(a + span, t1)))
+                for a in range(t0, t1, span))  # (B, H, M, k)
+        return self.apart.put(out, x)
 
     def _tail(self) -> tuple[Tensor, Tensor]:
         """Keys and values of tokens [max(a0 + nG·G, S), P + N): the full-precision residual
@@ -117,7 +132,7 @@ class QuantizedSnapshot(Snapshot):
             ps = p[..., None] * s[:, :, None]  # (B, H, M, L, ng)
             out = code_order(torch.einsum("bhmlg,bhlgc->bhmgc", ps, codes), per)[..., : self.vgroup]
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
-        return out[..., : self.value_dim]
+        return self._with_apart(out[..., : self.value_dim], p, t0, t1)
 
     def _new_scores(self, qs: Tensor, k: Tensor, is_causal: bool) -> Tensor:
         """Scores against the full-precision tail k (its last N keys are the new tokens)."""
@@ -168,7 +183,7 @@ class QuantizedSnapshot(Snapshot):
             ps = pq * vs[:, :, None]  # (B, H, M, Lq)
             acc = sum(code_matmul(ps[..., t0 : t0 + step * g], self.vc[:, :, t0 : min(t0 + step * g, lq), 0], self.bits)
                       for t0 in range(0, lq, step * g))  # (B, H, M, W·k)
-            out += acc[..., : self.value_dim] + torch.matmul(pq, vl)
+            out += self._with_apart(acc[..., : self.value_dim] + torch.matmul(pq, vl), pq, 0, lq)
         return out / torch.where(den > 0, den, 1.0)
 
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
@@ -225,7 +240,9 @@ class QuantizedLayer(HeldTensorsLayer):
       in the model's dtype: keys not yet in a full group or among the newest R, values
       among the newest R;
     * ``sink_keys`` (B, H, S, D), ``sink_values`` (B, H, S, Dv) in the model's dtype: the
-      first S = min(P, sinks) tokens, never quantized.
+      first S = min(P, sinks) tokens, never quantized;
+    * under a plan with value channels, their 4-bit copies and the rows waiting for their
+      group (:mod:`attnkit.cache.valuechannels`).
     """
 
     is_compileable = False
@@ -235,11 +252,13 @@ class QuantizedLayer(HeldTensorsLayer):
                 "key_residual", "value_residual", "sink_keys", "sink_values")
 
     def __init__(self, bits: int, group_size: int, residual: int, scale: str, block: int, materialize: bool,
-                 sinks: int = 0, key_bits: Tensor | None = None):
+                 sinks: int = 0, key_bits: Tensor | None = None, value_channels: Tensor | None = None):
         super().__init__()
         self.layout = None if key_bits is None else KeyLayout(key_bits, group_size, bits)
-        if self.layout is not None:  # the plan's key tensors (same names, other shapes, plus key_mean)
-            self._TENSORS = tuple(dict.fromkeys((*self._TENSORS, *self.layout.names())))
+        self.apart = None if value_channels is None else ValueChannels(value_channels, group_size)
+        for plan in (self.layout, self.apart):  # the plan's tensors (key ones: same names, other shapes, key_mean)
+            if plan is not None:
+                self._TENSORS = tuple(dict.fromkeys((*self._TENSORS, *plan.names())))
         self.bits, self.group_size, self.residual, self.scale = bits, group_size, residual, scale
         self.sinks = sinks
         self.block, self.materialize = block, materialize
@@ -268,6 +287,9 @@ class QuantizedLayer(HeldTensorsLayer):
         self.value_codes = torch.empty(b, h, 0, ng, -(-self.vgroup * self.bits // 8), dtype=torch.uint8, **kw)
         self.value_scale = torch.empty(b, h, 0, ng, dtype=torch.float16, **kw)
         self.value_low = torch.empty(b, h, 0, ng, dtype=torch.float16, **kw)
+        if self.apart is not None:
+            for name, t in self.apart.empty(value_states).items():
+                setattr(self, name, t)
         self.key_residual = key_states.new_empty(b, h, 0, d)
         self.value_residual = value_states.new_empty(b, h, 0, dv)
         self.sink_keys = key_states.new_empty(b, h, 0, d)
@@ -304,6 +326,10 @@ class QuantizedLayer(HeldTensorsLayer):
             if lead and self.value_codes.shape[2] == 0:  # rows [0, lead): the sinks' places (never read)
                 v = torch.cat([self.sink_values[:, :, a0:].float(), v], dim=-2)
             ng, gv = self.value_codes.shape[3], self.vgroup
+            if self.apart is not None:  # held apart, and out of the per-token groups' ranges
+                for name, t in self.apart.append(self.tensors(), v).items():
+                    setattr(self, name, t)
+                v = self.apart.exclude(v, gv)
             if ng * gv != v.shape[-1]:  # pad by repeating the last channel: the group's range is unchanged
                 v = torch.cat([v, v[..., -1:].expand(*v.shape[:-1], ng * gv - v.shape[-1])], dim=-1)
             codes, s, low = quantize(v.reshape(*v.shape[:-1], ng, gv), self.bits, self.scale)  # (B, H, nv, ng, Gv)
@@ -342,8 +368,8 @@ class QuantizedLayer(HeldTensorsLayer):
         return {name: getattr(self, name) for name in self._TENSORS if getattr(self, name) is not None}
 
     def nbytes(self) -> int:
-        """The held tensors plus, under a key plan, its index tensors."""
-        return super().nbytes() + (self.layout.nbytes() if self.layout is not None else 0)
+        """The held tensors plus, under a plan, its index tensors."""
+        return super().nbytes() + sum(plan.nbytes() for plan in (self.layout, self.apart) if plan is not None)
 
     def reset(self) -> None:
         for name in self._TENSORS:
@@ -365,15 +391,16 @@ def sink_layout(sinks: int, group: int) -> tuple[int, int]:
     return a0, sinks - a0
 
 
-def _plan_tensors(plan) -> list[Tensor]:
-    """A key bit plan (nested lists, or tensors) as one (kv heads, head dim) long tensor per layer."""
+def _plan_tensors(entries, name: str) -> list[Tensor]:
+    """One entry of a plan (nested lists, or tensors) as one long tensor per layer: (kv heads,
+    head dim) key widths, or (kv heads, k) value channels."""
     try:
-        layers = [torch.as_tensor(p, dtype=torch.long) for p in plan]
+        layers = [torch.as_tensor(p, dtype=torch.long) for p in entries]
     except (TypeError, ValueError) as e:
-        raise ValueError(f"QuantizedCache: argument 'key_bits' must be plan[layer][kv head][channel] of ints "
-                         f"(attnkit.cache.key_bit_plan): {e}") from None
+        raise ValueError(f"QuantizedCache: argument 'key_bits': its {name!r} must be {name}[layer][kv head][·] of "
+                         f"ints, as many in every head of a layer (attnkit.cache.key_bit_plan): {e}") from None
     if not layers:
-        raise ValueError("QuantizedCache: argument 'key_bits' is empty")
+        raise ValueError(f"QuantizedCache: argument 'key_bits': its {name!r} is empty")
     return layers
 
 
@@ -412,13 +439,18 @@ class QuantizedCache(Cache):
         block: cached tokens dequantized per step of the attention (rounded to whole groups).
         materialize: return plain dequantized tensors from ``update()``.
         key_bits: None (every key channel at ``bits``) or a plan from
-            :func:`attnkit.cache.key_bit_plan`, ``plan[layer][kv head][channel]`` in
-            0, 2, 4, 8: the width of each key channel (0: only its group mean is kept),
-            fitted on a few batches so that the channels the queries weigh most get the
-            bits, at the key bytes of uniform ``bits``.  At 2 bits on SmolLM2 with sinks=4
-            it takes perplexity on Pride & Prejudice from +12/+16/+21% (uniform) to
-            +2.7/+3.6/+4.7% at 2048/4096/8192 tokens (at 8192 on two more books +4.5% and
-            +6.0%); see :mod:`attnkit.cache.keyplan` and benchmarks/results/cache_cpu.md.
+            :func:`attnkit.cache.key_bit_plan`: its ``"key_bits"``,
+            ``[layer][kv head][channel]`` in 0, 2, 4, 8, the width of each key channel (0:
+            only its group mean is kept), fitted on a few batches so that the channels the
+            queries weigh most get the bits, at the key bytes of uniform ``bits``; and, if
+            fitted, its ``"value_channels"``, ``[layer][kv head]`` = k channel indices held
+            apart from the per-token value groups (4-bit per channel over groups of G
+            tokens, :mod:`attnkit.cache.valuechannels`).  A bare ``[layer][kv head][channel]``
+            list (a plan from before value channels) gives the key widths alone.  At 2
+            bits on SmolLM2 with sinks=4 the key widths take perplexity on Pride & Prejudice
+            from +12/+16/+21% (uniform) to +2.7/+3.6/+4.7% at 2048/4096/8192 tokens (at
+            8192 on two more books +4.5% and +6.0%); see :mod:`attnkit.cache.keyplan` and
+            benchmarks/results/cache_cpu.md.
 
     Defaults, and the byte arithmetic behind them (per cached number; an fp16 cache holds
     2 B): codes b/8 B; a group's fp16 scale + fp16 zero point 4 B, i.e. 4/G per key
@@ -460,18 +492,25 @@ class QuantizedCache(Cache):
         if scale not in SCALES:
             raise ValueError(f"QuantizedCache: argument 'scale' must be one of {SCALES}, got {scale!r}")
         self.bits, self.group_size, self.residual, self.scale, self.sinks = bits, group_size, residual, scale, sinks
-        self.key_bits = None if key_bits is None else _plan_tensors(key_bits)
+        self.plan = None if key_bits is None else {
+            name: _plan_tensors(entries, name) for name, entries in as_plan(key_bits, "QuantizedCache: argument 'key_bits'").items()}
         layer = functools.partial(QuantizedLayer, bits, group_size, residual, scale, block, bool(materialize), sinks)
-        if self.key_bits is None:
+        if self.plan is None:
             super().__init__(layer_class_to_replicate=layer)
         else:  # transformers appends layers in order: the next one is layer len(self.layers)
-            super().__init__(layer_class_to_replicate=lambda: layer(key_bits=self._layer_plan(len(self.layers))))
+            super().__init__(layer_class_to_replicate=lambda: layer(**self._layer_plan(len(self.layers))))
 
-    def _layer_plan(self, idx: int) -> Tensor:
-        if idx >= len(self.key_bits):
-            raise ValueError(f"QuantizedCache: argument 'key_bits' plans {len(self.key_bits)} layers, but the model "
-                             f"has more (layer {idx}): fit a plan for this model (attnkit.cache.key_bit_plan)")
-        return self.key_bits[idx]
+    def _layer_plan(self, idx: int) -> dict[str, Tensor | None]:
+        """Layer ``idx``'s part of the plan, as QuantizedLayer's arguments (a layer with no
+        value channel holds none apart)."""
+        out = {}
+        for name, layers in self.plan.items():
+            if idx >= len(layers):
+                raise ValueError(f"QuantizedCache: argument 'key_bits': its {name!r} plans {len(layers)} layers, but "
+                                 f"the model has more (layer {idx}): fit a plan for this model "
+                                 f"(attnkit.cache.key_bit_plan)")
+            out[name] = None if name == "value_channels" and not layers[idx].numel() else layers[idx]
+        return out
 
     def nbytes(self) -> int:
         """Bytes held: codes, scales, zero points and the full-precision residual, all layers."""
@@ -479,4 +518,4 @@ class QuantizedCache(Cache):
 
     def __repr__(self) -> str:
         return (f"QuantizedCache(bits={self.bits}, group_size={self.group_size}, residual={self.residual}, "
-                f"scale={self.scale!r}, sinks={self.sinks}, key_bits={'plan' if self.key_bits else None}, layers={len(self.layers)}, tokens={self.get_seq_length()})")
+                f"scale={self.scale!r}, sinks={self.sinks}, key_bits={'plan' if self.plan else None}, layers={len(self.layers)}, tokens={self.get_seq_length()})")
