@@ -4,6 +4,7 @@ Writes ``<out>/cache_cpu.json`` and ``.md``.  Everything runs offline (attnkit.d
 
     python benchmarks/bench_cache.py                      # the full run (hours on 2 shared cores)
     python benchmarks/bench_cache.py --sizes 512 --prompts 2 --new-tokens 32 --speed-context 512 --out bench-out
+    python benchmarks/bench_cache.py --perplexity-only q2-minmax-s4-plan-v1   # into the committed results
 
 * bytes: ``nbytes()`` of each cache holding T tokens of SmolLM2's shapes (30 layers, 3 kv
   heads, D = Dv = 64), everything counted, against an fp16 cache (T·30·3·128·2 B) and
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -36,24 +38,42 @@ from attnkit import data
 from attnkit.bench.machine import cpu_model
 
 QUANT = [(4, "minmax", 0), (4, "search", 0), (2, "minmax", 0), (2, "search", 0), (4, "minmax", 4), (2, "minmax", 4),
-         (2, "search", 4), (2, "minmax", 4, "plan")]  # (bits, scale, sinks[, "plan": key_bits fitted by key_bit_plan])
+         (2, "search", 4), (2, "minmax", 4, "plan"), (2, "minmax", 4, "plan-v1")]
+# (bits, scale, sinks[, plan]): "plan" = key_bits fitted by key_bit_plan; "plan-v<k>" with value_channels=k
 PLAN_BOOK, PLAN_TOKENS = "Emma", 2048  # the calibration text of the key bit plans: not a book the tables measure
-PLANS: dict[int, list] = {}  # bits -> key bit plan, fitted once per run by fit_plans()
+PLANS: dict[str, dict] = {}  # "q<bits>-<plan>" -> plan, fitted once per run by fit_plans()
 
 
 def quant_name(bits: int, scale: str, sinks: int, plan: str = "") -> str:
     return f"q{bits}-{scale}" + (f"-s{sinks}" if sinks else "") + (f"-{plan}" if plan else "")
 
 
+def plan_key(bits: int, plan: str) -> str:
+    return f"q{bits}-{plan}"
+
+
 def fit_plans(model, tok, books: dict) -> dict:
-    """Fit the key bit plan of every planned cache in QUANT (into PLANS); returns what was done."""
-    start = time.perf_counter()
+    """Fit the plan of every planned cache in QUANT (into PLANS); returns what was done."""
     ids = tokens_of(tok, books[PLAN_BOOK], PLAN_TOKENS, start=20_000)
-    for bits in sorted({q[0] for q in QUANT if len(q) > 3}):
-        PLANS[bits] = kvc.key_bit_plan(model, [ids], bits=bits)
-    return {"book": PLAN_BOOK, "tokens": PLAN_TOKENS, "start": 20_000, "seconds": time.perf_counter() - start,
-            "widths": {str(b): {str(w): sum(row.count(w) for layer in p for row in layer) for w in (0, 2, 4, 8)}
-                       for b, p in PLANS.items()}}
+    seconds = {}
+    for bits, plan in sorted({(q[0], q[3]) for q in QUANT if len(q) > 3}):
+        start = time.perf_counter()
+        value_channels = int(plan.split("-v")[1]) if "-v" in plan else 0
+        PLANS[plan_key(bits, plan)] = kvc.key_bit_plan(model, [ids], bits=bits, value_channels=value_channels)
+        seconds[plan_key(bits, plan)] = time.perf_counter() - start
+    return {"book": PLAN_BOOK, "tokens": PLAN_TOKENS, "start": 20_000, "seconds": seconds,
+            "widths": {k: {str(w): sum(row.count(w) for layer in p["key_bits"] for row in layer) for w in (0, 2, 4, 8)}
+                       for k, p in PLANS.items()}}
+
+
+def commit() -> str:
+    """The checkout's commit (short hash), "+ changes" when the caches' code or the benchmarks
+    differ from it."""
+    git = ["git", "-C", str(Path(__file__).parent.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src/attnkit/cache", "benchmarks/*.py"],
+                           capture_output=True, text=True).stdout
+    return head + (" + changes" if dirty.strip() else "")
 
 
 def machine() -> dict:
@@ -149,7 +169,7 @@ def make_cache(name: str, cfg, mem_args: dict):
     if name.startswith("q"):
         bits, scale, *rest = name[1:].split("-")
         sinks = next((int(r[1:]) for r in rest if r.startswith("s")), 0)
-        plan = PLANS[int(bits)] if "plan" in rest else None  # fit_plans() must have run
+        plan = PLANS[plan_key(int(bits), name[name.index("plan") :])] if "plan" in rest else None  # fit_plans() first
         return kvc.QuantizedCache(bits=int(bits), scale=scale, sinks=sinks, key_bits=plan)
     if name == "memory":
         return kvc.CompressedMemory(**mem_args)
@@ -236,9 +256,13 @@ def markdown(res: dict) -> str:
         pl = res["plans"]
         lines += [
             f"`-plan`: `key_bits=attnkit.cache.key_bit_plan(model, ...)`, fitted on {pl['tokens']} tokens of "
-            f"{pl['book']} (not a text measured below) in {pl['seconds']:.1f} s: each key channel (layer, kv head, "
-            "channel) gets 0 bits (its group mean), b or 2b bits, chosen by query energy at the key bytes of uniform b "
-            "bits. Channels per width: " + "; ".join(f"{b}-bit plan {w}" for b, w in pl["widths"].items()) + ".",
+            f"{pl['book']} (not a text measured below): each key channel (layer, kv head, channel) gets 0 bits (its "
+            "group mean), b or 2b bits, chosen by query energy at the key bytes of uniform b bits. `-plan-v<k>`: "
+            "`value_channels=k` as well: each (layer, kv head)'s k value channels whose removal most shrinks the "
+            "per-token value groups' mean squared range held apart (4-bit per channel over groups of 64 tokens), on top "
+            "of the same key widths. Fit time (s): "
+            + ", ".join(f"{k} {t:.1f}" for k, t in pl["seconds"].items()) + ". Key channels per width: "
+            + "; ".join(f"{k} {w}" for k, w in pl["widths"].items()) + ".",
             "",
         ]
     lines += [
@@ -304,6 +328,8 @@ def main(argv=None) -> None:
     p.add_argument("--note", default="")
     p.add_argument("--bytes-only", action="store_true",
                    help="recompute only the bytes tables (shapes fix them) into an existing <out>/cache_cpu.json")
+    p.add_argument("--perplexity-only", nargs="+", metavar="CACHE",
+                   help="compute only these caches' perplexity (at the run's sizes) into an existing <out>/cache_cpu.json")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -319,14 +345,27 @@ def main(argv=None) -> None:
         argv if argv is not None else __import__("sys").argv[1:]), "sizes": args.sizes, "chunk": args.chunk,
         "book": book, "memory_args": mem_args, "window_only_window": memory_window_equal_size(cfg, **mem_args)}
 
-    if args.bytes_only:  # the rest of an earlier run kept as it was
+    if args.bytes_only or args.perplexity_only:  # the rest of an earlier run kept as it was
         old = json.loads((args.out / "cache_cpu.json").read_text())
-        fit_plans(model, tok, books)
-        old["bytes"] = bytes_table(cfg, old["sizes"], old["memory_args"])
-        old.setdefault("notes", []).append(f"Bytes tables recomputed by `--bytes-only` ({time.strftime('%Y-%m-%d')}).")
+        old["plans"] = fit_plans(model, tok, books)
+        if args.bytes_only:
+            old["bytes"] = bytes_table(cfg, old["sizes"], old["memory_args"])
+            done = "Bytes tables recomputed by `--bytes-only`"
+        else:
+            for name in args.perplexity_only:
+                old["perplexity"][name] = {}
+                use(model, name)
+                for t in old["sizes"]:
+                    ids = tokens_of(tok, books[book], t, start=20_000)
+                    old["perplexity"][name][str(t)] = perplexity(model, ids, make_cache(name, cfg, old["memory_args"]),
+                                                                 old["chunk"])
+                    print(f"ppl T={t} {name}: {old['perplexity'][name][str(t)]:.3f} ({time.perf_counter() - start:.0f} s)",
+                          flush=True)
+            done = "Perplexity rows of " + ", ".join(f"`{n}`" for n in args.perplexity_only) + " computed by `--perplexity-only`"
+        old.setdefault("notes", []).append(f"- {done} ({time.strftime('%Y-%m-%d')}, commit {commit()}).")
         (args.out / "cache_cpu.json").write_text(json.dumps(old, indent=2))
         (args.out / "cache_cpu.md").write_text(markdown(old))
-        print(f"wrote the bytes tables into {args.out / 'cache_cpu.md'}")
+        print(f"wrote {done[0].lower() + done[1:]} into {args.out / 'cache_cpu.md'}")
         return
     res["plans"] = fit_plans(model, tok, books)
     res["bytes"] = bytes_table(cfg, args.sizes, mem_args)

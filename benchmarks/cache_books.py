@@ -1,5 +1,6 @@
 """The 2-bit caches on more books: teacher-forced perplexity at 8192 tokens (bench_cache's
-chunking and plan, fitted on Emma), full cache, uniform 2-bit with sinks and the key bit plan.
+chunking and plans, fitted on Emma), full cache, uniform 2-bit with sinks, the key bit plan, and the
+plan with one value channel per kv head held apart.
 
     cd benchmarks && python cache_books.py [--books "Mansfield Park" "Sense & Sensibility"] [--tokens 8192]
 """
@@ -17,11 +18,13 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--books", nargs="+", default=["Mansfield Park", "Sense & Sensibility"])
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--caches", nargs="+", default=["full", "q2-minmax-s4", "q2-minmax-s4-plan"])
+    p.add_argument("--caches", nargs="+", default=["full", "q2-minmax-s4", "q2-minmax-s4-plan", "q2-minmax-s4-plan-v1"])
     args = p.parse_args(argv)
     model, tok = data.load_smollm2()
     books = data.austen_novels()
-    bc.fit_plans(model, tok, books)
+    plans = bc.fit_plans(model, tok, books)
+    print(f"plans fitted on {plans['tokens']} tokens of {plans['book']} in " + ", ".join(
+        f"{k} {t:.1f} s" for k, t in plans["seconds"].items()), flush=True)
     for book in args.books:
         ids = bc.tokens_of(tok, books[book], args.tokens, start=20_000)
         full = None
