@@ -449,8 +449,9 @@ class QuantizedCache(Cache):
             list (a plan from before value channels) gives the key widths alone.  At 2
             bits on SmolLM2 with sinks=4 the key widths take perplexity on Pride & Prejudice
             from +12/+16/+21% (uniform) to +2.7/+3.6/+4.7% at 2048/4096/8192 tokens (at
-            8192 on two more books +4.5% and +6.0%); see :mod:`attnkit.cache.keyplan` and
-            benchmarks/results/cache_cpu.md.
+            8192 on two more books +4.5% and +6.0%); with one value channel per kv head held
+            apart as well, +2.5/+2.7/+3.3%, and within +5% on both other books at every size;
+            see :mod:`attnkit.cache.keyplan` and benchmarks/results/cache_cpu.md.
 
     Defaults, and the byte arithmetic behind them (per cached number; an fp16 cache holds
     2 B): codes b/8 B; a group's fp16 scale + fp16 zero point 4 B, i.e. 4/G per key

@@ -20,7 +20,8 @@ Development checks on SmolLM2 (2-bit cache with the key plan, sinks=4, Mansfield
 channel of largest max |v| (the first rule tried) shrinks the calibration's mean squared
 range by 8%, the greedy rule's by 13%; perplexity +5.25% against +4.67% (8-bit codes both;
 +6.01% with no channel apart); 4-bit codes +4.58% (their error per number is 5% of a 2-bit
-per-token group's); the channel kept exact instead of 8-bit +5.21% against +5.25%.
+per-token group's), +4.44% with the key widths not paying (:func:`key_bit_plan`'s default);
+the channel kept exact instead of 8-bit +5.21% against +5.25%.
 
 Held per layer (B batch, H kv heads, k channels, G group, Lv packed value rows, nA =
 floor(Lv/G) groups apart): ``value_apart_codes`` (B, H, nA, k, G/2) uint8 (two 4-bit codes
