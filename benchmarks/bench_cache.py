@@ -179,6 +179,11 @@ def make_cache(name: str, cfg, mem_args: dict):
     raise ValueError(name)
 
 
+def perplexity_names() -> list[str]:
+    """The caches of the perplexity table, in its order."""
+    return ["full"] + [quant_name(*q) for q in QUANT] + ["memory", "window-only"]
+
+
 def use(model, name: str):
     """The attention each cache runs with: SDPA for the DynamicCache, attnkit's for the others."""
     model.set_attn_implementation("sdpa" if name == "full" else kvc.register())
@@ -361,8 +366,10 @@ def main(argv=None) -> None:
                                                                  old["chunk"])
                     print(f"ppl T={t} {name}: {old['perplexity'][name][str(t)]:.3f} ({time.perf_counter() - start:.0f} s)",
                           flush=True)
+            order = perplexity_names()  # the new rows where a full run puts them
+            old["perplexity"] = dict(sorted(old["perplexity"].items(), key=lambda kv: order.index(kv[0])))
             done = "Perplexity rows of " + ", ".join(f"`{n}`" for n in args.perplexity_only) + " computed by `--perplexity-only`"
-        old.setdefault("notes", []).append(f"- {done} ({time.strftime('%Y-%m-%d')}, commit {commit()}).")
+        old.setdefault("notes", []).append(f"- {done} ({time.strftime('%Y-%m-%d')}, commit {commit()}, {cpu_model()}).")
         (args.out / "cache_cpu.json").write_text(json.dumps(old, indent=2))
         (args.out / "cache_cpu.md").write_text(markdown(old))
         print(f"wrote {done[0].lower() + done[1:]} into {args.out / 'cache_cpu.md'}")
@@ -377,7 +384,7 @@ def main(argv=None) -> None:
     print(f"bytes done ({time.perf_counter() - start:.0f} s)", flush=True)
 
     res["quant_error"] = quant_errors(model, tokens_of(tok, books[book], 1024, start=20_000))
-    names = ["full"] + [quant_name(*q) for q in QUANT] + ["memory", "window-only"]
+    names = perplexity_names()
     res["perplexity"] = {name: {} for name in names}
     for t in args.sizes:
         ids = tokens_of(tok, books[book], t, start=20_000)
