@@ -208,6 +208,8 @@ def cmd_trainstep(args) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from ..autotune import WEIGHTS
+
     p = argparse.ArgumentParser(prog="attnkit eval", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -248,7 +250,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--calibrate-batches", type=int, default=1)
     q.add_argument("--per-head", action="store_true",
                    help="choose per query head (a layer's heads may run different methods) instead of per layer")
-    q.add_argument("--weigh", choices=["error", "share", "loss"], default="error",
+    q.add_argument("--weigh", choices=WEIGHTS, default="error",
                    help="with --per-head and --flops-ratio, minimise the summed squared head errors (error), those "
                    "weighted by each head's share of its layer's output norm (share), or the head errors' estimated "
                    "squared effect on the scored tokens' loss (loss: the table is measured with one backward pass "

@@ -34,6 +34,7 @@ __all__ = [
     "attention_flops",
     "default_methods",
     "perplexity_rows",
+    "scored_logits",
     "scored_nll",
     "token_ids",
     "windows",
@@ -135,13 +136,20 @@ class _Score:
     peak_bytes: int | None = None
 
 
+def scored_logits(model: nn.Module, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's logits for the scored last half of a (1, N) window and the tokens they
+    predict: (half, V) fp32, (half,).  Only the scored half gets logits: (1, half + 1, V),
+    not (1, N, V)."""
+    half = ids.shape[1] // 2
+    logits = model(ids, logits_to_keep=half + 1).logits
+    return logits[0, :-1].float(), ids[0, -half:]
+
+
 def scored_nll(model: nn.Module, ids: Tensor) -> Tensor:
     """The summed next-token NLL of the scored last half of a (1, N) window: the loss
     perplexity is made of, and the loss ``attnkit eval autotune --weigh loss`` weighs
     attention errors by.  Differentiable (call it under ``no_grad`` to score)."""
-    half = ids.shape[1] // 2
-    logits = model(ids, logits_to_keep=half + 1).logits  # only the scored half: (1, half + 1, V), not (1, N, V)
-    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, -half:], reduction="sum")
+    return torch.nn.functional.cross_entropy(*scored_logits(model, ids), reduction="sum")
 
 
 def _score(model, wins: list[Tensor], measure_memory: bool) -> _Score:
@@ -149,18 +157,18 @@ def _score(model, wins: list[Tensor], measure_memory: bool) -> _Score:
     for i, ids in enumerate(wins):
         def fwd(ids=ids):
             with torch.no_grad():
-                return scored_nll(model, ids)
+                return scored_logits(model, ids)
 
         t0 = time.perf_counter()
         if measure_memory and i == 0:
             box = {}
-            mem = peak_memory_here(lambda box=box: box.setdefault("nll", fwd()), probe="profiler")
-            nll, s.peak_bytes = box["nll"], mem.peak_bytes
+            mem = peak_memory_here(lambda box=box: box.setdefault("scored", fwd()), probe="profiler")
+            (pred, target), s.peak_bytes = box["scored"], mem.peak_bytes
         else:
-            nll = fwd()
+            pred, target = fwd()
         s.seconds += time.perf_counter() - t0
-        s.nll += float(nll)
-        s.tokens += ids.shape[1] // 2
+        s.nll += float(torch.nn.functional.cross_entropy(pred, target, reduction="sum"))
+        s.tokens += target.numel()
     return s
 
 
