@@ -35,7 +35,9 @@ import sys
 import torch
 from torch import Tensor
 
-__all__ = ["BITS", "SCALES", "code_matmul", "code_order", "dequantize", "pack", "quantize", "unpack", "unpack_bytes"]
+from . import native
+
+__all__ = ["BITS", "SCALES", "code_matmul", "code_order", "dequantize", "fused", "pack", "quantize", "unpack", "unpack_bytes"]
 
 BITS = (2, 4, 8)
 SCALES = ("minmax", "search")
@@ -140,6 +142,8 @@ def code_matmul(a: Tensor, packed: Tensor, bits: int) -> Tensor:
     us against 95 us at 2 bits (value blocks: 66-81 against 115-125 us).
     """
     per = _check_bits(bits)
+    if fused(a, packed, bits):
+        return native.code_matmul(a, packed, bits)
     if per == 1:
         return torch.matmul(a, packed.to(a.dtype))
     if per == 2:
@@ -151,6 +155,18 @@ def code_matmul(a: Tensor, packed: Tensor, bits: int) -> Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=packed.device).view(per, *[1] * words.dim())
     planes = (words >> shifts).bitwise_and_(((1 << bits) - 1) * 0x01010101).view(torch.uint8)  # (k, ..., K, W)
     return torch.matmul(a, planes.to(a.dtype)).movedim(0, -2).flatten(-2)  # (k, ..., M, W) -> (..., M, k·W)
+
+
+FUSED_MAX_ROWS = 64  # query rows up to which code_matmul takes the C kernel (more: MKL on converted codes wins)
+
+
+def fused(a: Tensor, packed: Tensor, bits: int) -> bool:
+    """Whether :func:`code_matmul` takes the compiled kernel (:mod:`attnkit.cache.native`)
+    for these operands: fp32 rows on the CPU, at most FUSED_MAX_ROWS of them, no autograd,
+    rows of 64, 128 or 256 codes, and the kernel built."""
+    return (a.dtype == torch.float32 and a.device.type == "cpu" and packed.device.type == "cpu"
+            and a.shape[-2] <= FUSED_MAX_ROWS and packed.shape[-1] * (8 // bits) in native.CODES_PER_ROW
+            and not (a.requires_grad and torch.is_grad_enabled()) and native.available())
 
 
 def _round_down_fp16(x: Tensor) -> Tensor:

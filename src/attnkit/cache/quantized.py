@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache
 
-from .quant import BITS, SCALES, code_matmul, code_order, dequantize, pack, quantize, unpack, unpack_bytes
+from .native import CODES_PER_ROW, dq_matmul
+from .quant import BITS, FUSED_MAX_ROWS, SCALES, code_matmul, code_order, dequantize, fused, pack, quantize, unpack, unpack_bytes
 from .keyplan import KeyLayout, as_plan
 from .layer import HeldTensorsLayer
 from .valuechannels import ValueChannels
@@ -83,13 +84,10 @@ class QuantizedSnapshot(Snapshot):
     def _with_apart(self, out: Tensor, p: Tensor, t0: int, t1: int) -> Tensor:
         """out (B, H, M, Dv) = p (B, H, M, t1−t0) times the packed value rows [t0, t1), with
         the held-apart channels' columns (products of placeholder codes) replaced by p times
-        the held-apart rows, read a block at a time."""
+        the held-apart rows (k channels: (B, H, t1−t0, k) dequantized, small next to the codes)."""
         if self.apart is None:
             return out
-        span = max(1, self.block // self.group) * self.group
-        x = sum(torch.matmul(p[..., a - t0 : min(a + span, t1) - t0], self.apart.rows(self.vheld, a, min(a + span, t1)))
-                for a in range(t0, t1, span))  # (B, H, M, k)
-        return self.apart.put(out, x)
+        return self.apart.put(out, torch.matmul(p, self.apart.rows(self.vheld, t0, t1)))  # (B, H, M, k) put
 
     def _tail(self) -> tuple[Tensor, Tensor]:
         """Keys and values of tokens [max(a0 + nG·G, S), P + N): the full-precision residual
@@ -134,6 +132,13 @@ class QuantizedSnapshot(Snapshot):
             out = (out + torch.matmul(p, low)[..., None]).flatten(-2)  # (B, H, M, ng·Gv)
         return self._with_apart(out[..., : self.value_dim], p, t0, t1)
 
+    def _fused(self, qs: Tensor) -> bool:
+        """Whether decoding rows qs take :meth:`_attend_fused`: the C kernel built and fit for
+        these rows (fp32, few of them), rows of 64/128/256 codes, values in one group per token."""
+        rows = qs.shape[-2] * (self.heads if self.layout is not None else 1)  # a plan stacks every head's rows
+        return (self.vs.shape[-1] == 1 and self.group in CODES_PER_ROW and rows <= FUSED_MAX_ROWS
+                and fused(qs, self.vc[:, :, :0, 0], self.bits))
+
     def _new_scores(self, qs: Tensor, k: Tensor, is_causal: bool) -> Tensor:
         """Scores against the full-precision tail k (its last N keys are the new tokens)."""
         n = self.k_new.shape[-2]
@@ -142,6 +147,45 @@ class QuantizedSnapshot(Snapshot):
             new = scores[..., -n:]
             new.masked_fill_(~new_token_keep(n, qs.shape[-2] // n, qs.device), float("-inf"))
         return scores
+
+    def _attend_fused(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
+        """:meth:`attend` for few rows through the C kernel (:func:`attnkit.cache.native.dq_matmul`):
+        every score written in place into one (B, H, M, S) tensor -- the packed key groups'
+        with their scales and lows folded in, straight from the codes -- one softmax, then
+        the packed value rows' product the same way.  A dozen operators per call instead of
+        some sixty, and no code converted to fp32 in memory."""
+        b, h, m, _ = qs.shape
+        off, ng, g, a0, lead = self.offset, self.ngroups, self.group, self.start, self.lead
+        lv = self.vc.shape[2]  # packed value rows (token a0 + row)
+        k_at, v_at = max(a0 + ng * g, off), max(a0 + lv, off)  # where the full-precision tails start
+        k = torch.cat([self.kr, self.k_new], dim=-2).float()  # tokens [k_at, P + N)
+        v = torch.cat([self.vr, self.v_new], dim=-2).float()  # tokens [v_at, P + N)
+        scores = qs.new_empty(b, h, m, self.length)
+        if ng:
+            grouped = scores[..., a0 : a0 + ng * g].unflatten(-1, (ng, g))  # (B, H, M, nG, G) views
+            if self.layout is not None:
+                self.layout.scores_fused(qs, self.kheld, grouped)
+            else:
+                dq_matmul(qs[:, :, None], self.kc, self.bits, self.ks, self.kl, out=grouped.transpose(2, 3))
+        if off:  # after the packed groups: the sinks' places at their front are the sinks' scores
+            torch.matmul(qs, self.sk.float().transpose(-1, -2), out=scores[..., :off])
+        torch.matmul(qs, k.transpose(-1, -2), out=scores[..., k_at:])
+        n = self.k_new.shape[-2]
+        if is_causal and n > 1:
+            scores[..., -n:].masked_fill_(~new_token_keep(n, m // n, qs.device), float("-inf"))
+        if keep is not None:
+            scores.masked_fill_(~keep, float("-inf"))
+        mx = scores.amax(dim=-1, keepdim=True)
+        p = scores.sub_(torch.where(mx == float("-inf"), 0.0, mx)).exp_()  # 0 where masked
+        den = p.sum(dim=-1, keepdim=True)
+        out = torch.matmul(p[..., v_at:], v)  # (B, H, M, Dv)
+        if off:
+            out += torch.matmul(p[..., :off], self.sv.float())
+        if lv > lead:  # rows [0, lead) are the sinks' places, attended exactly above
+            pq = p[..., a0 : a0 + lv]
+            packed = dq_matmul(pq, self.vc[:, :, :, 0], self.bits, self.vs[..., 0], self.vl[..., 0], start=lead)
+            out += self._with_apart(packed[..., : self.value_dim], pq[..., lead:], lead, lv)
+        return out.div_(torch.where(den > 0, den, 1.0))
 
     def _attend_two_pass(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
         """:meth:`attend` for few rows (decoding): every score first -- the (rows, keys)
@@ -189,6 +233,8 @@ class QuantizedSnapshot(Snapshot):
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
         qs = q * scale
         if self.vs.shape[-1] == 1 and q.shape[0] * q.shape[1] * q.shape[2] * self.length <= TWO_PASS_MAX:
+            if self._fused(qs):
+                return self._attend_fused(qs, is_causal=is_causal, keep=keep)
             return self._attend_two_pass(qs, is_causal=is_causal, keep=keep)
         state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
         step = max(1, self.block // self.group)  # groups per block

@@ -1,0 +1,307 @@
+"""A fused unpack-and-multiply kernel for the packed codes, compiled on first use.
+
+Decoding reads every cached code once per token and layer with a handful of query rows.
+In eager PyTorch that means converting every code to fp32 (as many bytes written as the
+fp32 cache holds) and some 60 small operators per layer; :func:`code_matmul` does the
+product straight from the packed bytes instead, each row of codes unpacked into a
+buffer that stays in L1 and multiplied there, for any leading batch.
+
+The kernel is a few dozen lines of C, built with the system's C compiler (``$CC``, else
+``cc``/``gcc``/``clang``) into ``$ATTNKIT_CACHE/kernels`` (default
+``~/.cache/attnkit/kernels``) the first time it is needed, keyed by a hash of its source,
+flags and machine, and loaded with ctypes: no Python headers, no build of torch
+extensions.  Where no compiler works, or with ``ATTNKIT_KERNELS=0``, :func:`available`
+is False and attnkit keeps its PyTorch path (:func:`attnkit.cache.quant.code_matmul`);
+:func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["CODES_PER_ROW", "available", "code_matmul", "dq_matmul", "status"]
+
+CODES_PER_ROW = (64, 128, 256)  # the row lengths the kernel is built for (group sizes / head dims)
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* GCC/Clang vector extensions: 16 lanes, compiled to whatever SIMD -march allows. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16fu __attribute__((vector_size(64), aligned(4)));  /* unaligned stores */
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* 16 bytes -> 16 int32 lanes (one vpmovzxbd where the machine has it). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16i load16(const uint8_t *p) { return (v16i)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline v16i load16(const uint8_t *p) {
+    __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    v16i r;
+    memcpy(&r, &lo, 32);
+    memcpy((char *)&r + 32, &hi, 32);
+    return r;
+}
+#else
+static inline v16i load16(const uint8_t *p) {
+    v16i r;
+    for (int i = 0; i < 16; i++) r[i] = p[i];
+    return r;
+}
+#endif
+
+/* What one call multiplies: for each item n < N (the batch, flattened) and query row
+   m < M,  out[n, m, c] = sum_{k0 <= k < K} a[n, m, k] * (low[n, k] + scale[n, k] * code(codes[n, k], c)),
+   c < C = W*8/bits: ``a @ dequantize(codes)`` with the rows' scales and lows folded in.
+   codes (N, K, W) uint8 in attnkit.cache.quant.pack's planar layout (slot s of byte j is
+   code s*W + j), scale and low (N, K) fp32 or NULL (1 and 0), all contiguous.  a and out
+   are strided views: item n starts at (n / div) * s0 + (n % div) * s1, row m m * sm
+   further, K (a) and C (out) contiguous -- so the key groups of one head share its query
+   rows, and their scores land side by side in token order. */
+typedef struct {
+    const float *a;
+    int64_t a_s0, a_s1, a_m;
+    const uint8_t *codes;
+    const float *scale, *low;
+    float *out;
+    int64_t o_s0, o_s1, o_m;
+    int64_t n, div, m, k, k0, w;
+    int64_t bits;
+} dq_args;
+
+/* One kernel per (BITS, NV): rows of NV*16 codes (W = NV*2*BITS bytes), MB query rows
+   accumulated in registers over all K code rows, each code row unpacked once per block of
+   MB query rows and skipped where those rows' weights are all zero (the stacked key plan's
+   rows of other heads). */
+#define KERNEL(BITS, NV, MB)                                                                    \
+static void kernel_##BITS##_##NV(const dq_args *p) {                                            \
+    enum { W = NV * 2 * BITS, PER = 8 / BITS };                                                 \
+    const v16i mask = (v16i){} + ((1 << BITS) - 1);                                             \
+    const int64_t m_ = p->m, k_ = p->k;                                                         \
+    for (int64_t n = 0; n < p->n; n++) {                                                        \
+        const uint8_t *cn = p->codes + n * k_ * W;                                              \
+        const float *sn = p->scale ? p->scale + n * k_ : 0, *zn = p->low ? p->low + n * k_ : 0; \
+        const float *an = p->a + (n / p->div) * p->a_s0 + (n % p->div) * p->a_s1;              \
+        float *on = p->out + (n / p->div) * p->o_s0 + (n % p->div) * p->o_s1;                   \
+        for (int64_t m0 = 0; m0 < m_; m0 += MB) {                                               \
+            const int mb = (int)(m_ - m0 < MB ? m_ - m0 : MB);                                  \
+            const float *am[MB];                                                                \
+            for (int i = 0; i < MB; i++) am[i] = an + (m0 + (i < mb ? i : 0)) * p->a_m;         \
+            v16f acc[MB][NV];                                                                   \
+            float lsum[MB];                                                                     \
+            for (int i = 0; i < MB; i++) {                                                      \
+                lsum[i] = 0.0f;                                                                 \
+                for (int v = 0; v < NV; v++) acc[i][v] = (v16f){};                              \
+            }                                                                                   \
+            for (int64_t k = p->k0; k < k_; k++) {                                              \
+                float x[MB];                                                                    \
+                int any = 0;                                                                    \
+                for (int i = 0; i < MB; i++) { x[i] = i < mb ? am[i][k] : 0.0f; any |= x[i] != 0.0f; } \
+                if (!any) continue;                                                             \
+                const float s = sn ? sn[k] : 1.0f, z = zn ? zn[k] : 0.0f;                       \
+                for (int i = 0; i < MB; i++) { lsum[i] += x[i] * z; x[i] *= s; }                \
+                const uint8_t *row = cn + k * W;                                                \
+                v16f c[NV];                                                                     \
+                for (int q = 0; q < W / 16; q++) {                                              \
+                    v16i b = load16(row + 16 * q);                                              \
+                    for (int s = 0; s < PER; s++)                                               \
+                        c[(s * W) / 16 + q] = __builtin_convertvector((b >> (s * BITS)) & mask, v16f); \
+                }                                                                               \
+                for (int i = 0; i < MB; i++)                                                    \
+                    for (int v = 0; v < NV; v++) acc[i][v] += x[i] * c[v];                      \
+            }                                                                                   \
+            for (int i = 0; i < MB; i++)  /* constant indices: acc stays in registers */         \
+                if (i < mb)                                                                     \
+                    for (int v = 0; v < NV; v++)                                                \
+                        ((v16fu *)(on + (m0 + i) * p->o_m))[v] = acc[i][v] + lsum[i];           \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+KERNEL(2, 4, 4) KERNEL(4, 4, 4) KERNEL(8, 4, 4)
+KERNEL(2, 8, 2) KERNEL(4, 8, 2) KERNEL(8, 8, 2)
+KERNEL(2, 16, 1) KERNEL(4, 16, 1) KERNEL(8, 16, 1)
+
+/* The kernel for rows of C = W*8/bits codes; returns -1 where none fits (C not 64, 128
+   or 256). */
+int attnkit_dq_matmul(const dq_args *p) {
+    const int64_t c = p->w * (8 / p->bits);
+#define CASE(B, NV) if (p->bits == B && c == NV * 16) { kernel_##B##_##NV(p); return 0; }
+    CASE(2, 4) CASE(4, 4) CASE(8, 4) CASE(2, 8) CASE(4, 8) CASE(8, 8) CASE(2, 16) CASE(4, 16) CASE(8, 16)
+#undef CASE
+    return -1;
+}
+"""
+
+class _Args(ctypes.Structure):
+    """The C side's dq_args."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("a_s0", ctypes.c_int64), ("a_s1", ctypes.c_int64), ("a_m", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("o_s0", ctypes.c_int64), ("o_s1", ctypes.c_int64), ("o_m", ctypes.c_int64),
+                ("n", ctypes.c_int64), ("div", ctypes.c_int64), ("m", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("k0", ctypes.c_int64), ("w", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+_FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles
+_LIB = None  # the C function attnkit_dq_matmul, once built
+_STATUS: str | None = None  # None: not tried yet
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("ATTNKIT_KERNELS", "1") == "0":
+        return None, "disabled by ATTNKIT_KERNELS=0"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    from ..data import cache_dir
+
+    folder = cache_dir() / "kernels"
+    errors = []
+    for flags in _FLAGS:
+        key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, platform.machine(), platform.processor(),
+                                         _cpu_model()]).encode()).hexdigest()[:16]
+        lib = folder / f"attnkit_codes_{key}.so"
+        try:
+            if not lib.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                    src, so = Path(tmp) / "codes.c", Path(tmp) / "codes.so"
+                    src.write_text(_SOURCE)
+                    run = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(so), str(src)],
+                                         capture_output=True, text=True, timeout=120)
+                    if run.returncode:
+                        errors.append(f"{cc} {' '.join(flags)}: {run.stderr.strip()[-300:]}")
+                        continue
+                    os.replace(so, lib)  # atomic: processes building at once each leave a whole file
+            dll = ctypes.CDLL(str(lib))
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{cc} {' '.join(flags)}: {e}")
+            continue
+        fn = dll.attnkit_dq_matmul
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(_Args)]
+        return fn, f"built with {cc} {' '.join(flags)}: {lib}"
+    return None, "the C kernel did not build: " + "; ".join(errors)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _lib():
+    """The C entry point attnkit_dq_matmul, or None."""
+    global _LIB, _STATUS
+    if _STATUS is None:
+        _LIB, _STATUS = _build()
+    return _LIB
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call)."""
+    return _lib() is not None
+
+
+def status() -> str:
+    """How the kernel was built, or why it is not used."""
+    _lib()
+    return _STATUS
+
+
+def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None, low: Tensor | None = None, *,
+              out: Tensor | None = None, start: int = 0) -> Tensor:
+    """``a @ (low + scale · codes)`` straight from the packed bytes, one product per item.
+
+    Args:
+        a: (..., M, K) fp32 on the CPU, K contiguous (any other strides).
+        packed: (..., K, W) uint8 rows of :func:`attnkit.cache.quant.pack`, the same
+            leading dims; rows of 64, 128 or 256 codes.
+        bits: 2, 4 or 8.
+        scale, low: (..., K) per-row scale and low (any float dtype), or None (1 and 0).
+        out: (..., M, C) fp32 to write into, C contiguous (a view, e.g. a slice of a wider
+            score tensor); default a new tensor.
+        start: rows k < start are left out (as if a[..., k] were 0).
+
+    Returns:
+        ``out`` (..., M, C), C = W·8/bits codes: ``out[..., m, c] = Σ_k a[..., m, k] ·
+        (low[..., k] + scale[..., k] · code(packed[..., k, :], c))``.
+
+    Call only when :func:`available`; :func:`attnkit.cache.quant.fused` checks the rest.
+    """
+    lead = packed.shape[:-2]
+    k, w = packed.shape[-2:]
+    m = a.shape[-2]
+    c = w * (8 // bits)
+    if a.shape[:-2] != lead or a.shape[-1] != k:
+        a = a.expand(*lead, m, k)
+    if out is None:
+        out = torch.empty(*lead, m, c, dtype=torch.float32)
+    n = 1
+    for x in lead:
+        n *= x
+    if n == 0 or m == 0:
+        return out
+    packed = packed.contiguous()
+    sc = None if scale is None else scale.float().expand(*lead, k).contiguous()
+    lo = None if low is None else low.float().expand(*lead, k).contiguous()
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    a_s, o_s = _item_strides(a), _item_strides(out)
+    args = _Args(a.data_ptr(), a_s[0], a_s[1], a.stride(-2), packed.data_ptr(),
+                 0 if sc is None else sc.data_ptr(), 0 if lo is None else lo.data_ptr(),
+                 out.data_ptr(), o_s[0], o_s[1], out.stride(-2), n, a_s[2], m, k, start, w, bits)
+    if out.stride(-1) != 1 or out.dtype != torch.float32 or _lib()(ctypes.byref(args)):
+        raise ValueError(f"dq_matmul: unsupported operands: rows of {c} codes (supported {CODES_PER_ROW}), out "
+                         f"{out.dtype} with strides {out.stride()}")
+    return out
+
+
+def _item_strides(x: Tensor) -> tuple[int, int, int]:
+    """(s0, s1, div) such that item n of x's flattened leading dims starts (n // div)·s0 +
+    (n % div)·s1 elements in: leading dims that merge into at most two strided ones."""
+    dims = [(size, stride) for size, stride in zip(x.shape[:-2], x.stride()[:-2]) if size != 1]
+    merged: list[list[int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    if not merged:
+        return 0, 0, 1
+    if len(merged) == 1:
+        return 0, merged[0][1], merged[0][0]
+    if len(merged) == 2:
+        return merged[0][1], merged[1][1], merged[1][0]
+    raise ValueError(f"dq_matmul: leading dims of shape {tuple(x.shape[:-2])} and strides {x.stride()[:-2]} "
+                     f"do not merge into two")
+
+
+def code_matmul(a: Tensor, packed: Tensor, bits: int) -> Tensor:
+    """``a @ codes`` straight from the packed bytes: a (..., M, K) fp32 on the CPU, packed
+    (..., K, W) uint8 rows of :func:`attnkit.cache.quant.pack` with the same leading dims ->
+    (..., M, W·8/bits) fp32, column c the product with code c of the rows (padding codes
+    included): :func:`dq_matmul` without scales."""
+    return dq_matmul(a, packed, bits)
