@@ -219,7 +219,7 @@ def decode_speed(model, ids: torch.Tensor, cache, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-SPEED_CACHES = ("full", "q4-minmax-s4", "q2-minmax-s4", "q2-minmax-s4-plan")
+SPEED_CACHES = ("full", "q4-minmax-s4", "q2-minmax-s4", "q2-minmax-s4-plan", "q2-minmax-s4-plan-v1")
 
 
 def speed_ids(tok, books: dict, context: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model, tok = data.load_smollm2()
     books = data.austen_novels()
-    if any(name.endswith("-plan") for name in args.caches):
+    if any("-plan" in name for name in args.caches):
         bc.fit_plans(model, tok, books)
     ids = bc.speed_ids(tok, books, args.context)
     runs = bc.speed_rounds(model, ids, args.caches, args.rounds, args.steps, {})

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["CODES_PER_ROW", "available", "code_matmul", "dq_matmul", "status"]
+__all__ = ["CODES_PER_ROW", "available", "code_matmul", "dq_matmul", "dq_rowdot", "status"]
 
 CODES_PER_ROW = (64, 128, 256)  # the row lengths the kernel is built for (group sizes / head dims)
 
@@ -136,6 +136,69 @@ KERNEL(2, 4, 4) KERNEL(4, 4, 4) KERNEL(8, 4, 4)
 KERNEL(2, 8, 2) KERNEL(4, 8, 2) KERNEL(8, 8, 2)
 KERNEL(2, 16, 1) KERNEL(4, 16, 1) KERNEL(8, 16, 1)
 
+/* The transposed product, for value channels held apart (codes per channel over groups of
+   C tokens): out[n, m, j] = sum over groups g < nG and positions c < C of token
+   t = g*C + c >= t0 of  p[n, m, t - t0] * (low[n, g, j] + scale[n, g, j] * code(codes[n, g, j], c))
+   (p's column 0 is token t0).
+   codes (N, nG, J, W) uint8, scale and low (N, nG, J) fp32, all contiguous; p strided as a
+   above (item n at (n / div) * s0 + (n % div) * s1, row m m * sm further, tokens
+   contiguous); out (N, M, J) fp32 contiguous, overwritten.  Returns -1 for rows of other
+   than 64, 128 or 256 codes. */
+typedef struct {
+    const float *p;
+    int64_t p_s0, p_s1, p_m;
+    const uint8_t *codes;
+    const float *scale, *low;
+    float *out;
+    int64_t n, div, m, ng, j, t0, w;
+    int64_t bits;
+} rowdot_args;
+
+int attnkit_dq_rowdot(const rowdot_args *a) {
+    const int bits = (int)a->bits, per = 8 / bits;
+    const int64_t w = a->w, c_ = w * per, nv = c_ / 16, jn = a->j;
+    if (c_ % 16 || nv > 16 || w % 16 || w < 16) return -1;
+    const v16i mask = (v16i){} + ((1 << bits) - 1);
+    memset(a->out, 0, (size_t)(a->n * a->m * jn) * sizeof(float));
+    for (int64_t n = 0; n < a->n; n++) {
+        const float *pn = a->p + (n / a->div) * a->p_s0 + (n % a->div) * a->p_s1;
+        for (int64_t g = 0; g < a->ng; g++) {
+            for (int64_t j = 0; j < jn; j++) {
+                const int64_t r = (n * a->ng + g) * jn + j;
+                const uint8_t *row = a->codes + r * w;
+                v16f c[16];
+                for (int64_t q = 0; q < w / 16; q++) {
+                    v16i b = load16(row + 16 * q);
+                    for (int s = 0; s < per; s++)
+                        c[(s * w) / 16 + q] = __builtin_convertvector((b >> (s * bits)) & mask, v16f);
+                }
+                const float sc = a->scale[r], z = a->low[r];
+                const int64_t first = a->t0 > g * c_ ? a->t0 - g * c_ : 0;  /* positions before t0 left out */
+                if (first >= c_) continue;
+                for (int64_t m = 0; m < a->m; m++) {
+                    const float *pm = pn + m * a->p_m + (g * c_ + first - a->t0) - first;  /* column of position 0 */
+                    float dot = 0.0f, sum = 0.0f;
+                    if (first == 0) {
+                        v16f d = (v16f){}, t = (v16f){};
+                        for (int64_t v = 0; v < nv; v++) {
+                            v16f x = *(const v16fu *)(pm + 16 * v);
+                            d += c[v] * x;
+                            t += x;
+                        }
+                        for (int l = 0; l < 16; l++) { dot += d[l]; sum += t[l]; }
+                    } else {
+                        const float *cf = (const float *)c;
+                        const float *pf = pn + m * a->p_m + (g * c_ + first - a->t0);  /* column of position first */
+                        for (int64_t i = first; i < c_; i++) { dot += cf[i] * pf[i - first]; sum += pf[i - first]; }
+                    }
+                    a->out[(n * a->m + m) * jn + j] += z * sum + sc * dot;
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 /* The kernel for rows of C = W*8/bits codes; returns -1 where none fits (C not 64, 128
    or 256). */
 int attnkit_dq_matmul(const dq_args *p) {
@@ -155,6 +218,16 @@ class _Args(ctypes.Structure):
                 ("out", ctypes.c_void_p), ("o_s0", ctypes.c_int64), ("o_s1", ctypes.c_int64), ("o_m", ctypes.c_int64),
                 ("n", ctypes.c_int64), ("div", ctypes.c_int64), ("m", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("k0", ctypes.c_int64), ("w", ctypes.c_int64), ("bits", ctypes.c_int64)]
+
+
+class _RowArgs(ctypes.Structure):
+    """The C side's rowdot_args."""
+
+    _fields_ = [("p", ctypes.c_void_p), ("p_s0", ctypes.c_int64), ("p_s1", ctypes.c_int64), ("p_m", ctypes.c_int64),
+                ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("low", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("n", ctypes.c_int64), ("div", ctypes.c_int64), ("m", ctypes.c_int64),
+                ("ng", ctypes.c_int64), ("j", ctypes.c_int64), ("t0", ctypes.c_int64), ("w", ctypes.c_int64),
+                ("bits", ctypes.c_int64)]
 
 
 _FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles
@@ -199,6 +272,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn = dll.attnkit_dq_matmul
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(_Args)]
+        fn.rowdot = dll.attnkit_dq_rowdot
+        fn.rowdot.restype = ctypes.c_int
+        fn.rowdot.argtypes = [ctypes.POINTER(_RowArgs)]
         return fn, f"built with {cc} {' '.join(flags)}: {lib}"
     return None, "the C kernel did not build: " + "; ".join(errors)
 
@@ -276,6 +352,33 @@ def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None,
     if out.stride(-1) != 1 or out.dtype != torch.float32 or _lib()(ctypes.byref(args)):
         raise ValueError(f"dq_matmul: unsupported operands: rows of {c} codes (supported {CODES_PER_ROW}), out "
                          f"{out.dtype} with strides {out.stride()}")
+    return out
+
+
+def dq_rowdot(p: Tensor, packed: Tensor, bits: int, scale: Tensor, low: Tensor, *, start: int = 0) -> Tensor:
+    """The transposed product, for channels quantized over groups of tokens: p (..., M, T)
+    fp32, column 0 token ``start`` (T contiguous, T >= nG·C − start), packed (..., nG, J, W)
+    uint8 rows of C = W·8/bits codes, scale and low (..., nG, J) -> (..., M, J) fp32 with
+    ``out[..., m, j] = Σ_{start <= t < nG·C} p[..., m, t − start] · (low[..., t // C, j] +
+    scale[..., t // C, j] · code(packed[..., t // C, j, :], t % C))``.  Call only when
+    :func:`available`."""
+    lead = packed.shape[:-3]
+    ng, jn, w = packed.shape[-3:]
+    m = p.shape[-2]
+    c = w * (8 // bits)
+    if p.shape[:-2] != lead or p.shape[-1] < ng * c - start or not 0 <= start <= ng * c:
+        raise ValueError(f"dq_rowdot: p (..., M, T) = {tuple(p.shape)} does not cover packed {tuple(packed.shape)}")
+    out = torch.empty(*lead, m, jn, dtype=torch.float32)
+    n = out.numel() // max(1, m * jn)
+    if out.numel() == 0 or ng == 0:
+        return out.zero_()
+    p = p if p.stride(-1) == 1 else p.contiguous()
+    packed, sc, lo = packed.contiguous(), scale.float().contiguous(), low.float().contiguous()
+    p_s = _item_strides(p)
+    args = _RowArgs(p.data_ptr(), p_s[0], p_s[1], p.stride(-2), packed.data_ptr(), sc.data_ptr(), lo.data_ptr(),
+                    out.data_ptr(), n, p_s[2], m, ng, jn, start, w, bits)
+    if _lib().rowdot(ctypes.byref(args)):
+        raise ValueError(f"dq_rowdot: rows of {c} codes ({w} bytes) are not supported")
     return out
 
 

@@ -87,7 +87,7 @@ class QuantizedSnapshot(Snapshot):
         the held-apart rows (k channels: (B, H, t1−t0, k) dequantized, small next to the codes)."""
         if self.apart is None:
             return out
-        return self.apart.put(out, torch.matmul(p, self.apart.rows(self.vheld, t0, t1)))  # (B, H, M, k) put
+        return self.apart.put(out, self.apart.product(self.vheld, p, t0, t1))  # (B, H, M, k) put in
 
     def _tail(self) -> tuple[Tensor, Tensor]:
         """Keys and values of tokens [max(a0 + nG·G, S), P + N): the full-precision residual

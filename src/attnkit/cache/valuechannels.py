@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .quant import dequantize, pack, quantize, unpack
+from . import native
+from .quant import dequantize, fused, pack, quantize, unpack
 
 __all__ = ["APART_BITS", "ValueChannels", "range_channels"]
 
@@ -124,12 +125,19 @@ class ValueChannels:
     def exclude(self, v: Tensor, gv: int) -> Tensor:
         """v (B, H, L, Dv) with the held-apart channels set to the least of the other
         channels of their value group (code 0 of its range; 0 where a group has no other)."""
-        idx = self._gather_index(v)
-        apart = torch.zeros_like(v, dtype=torch.bool).scatter_(-1, idx, True)
+        dv = v.shape[-1]
+        apart = self._mask(dv, v.device)  # (H, 1, Dv), broadcast over batch and rows
         rest = v.masked_fill(apart, INF)
-        lo = torch.nn.functional.pad(rest, (0, -v.shape[-1] % gv), value=INF).unflatten(-1, (-1, gv)).amin(-1)  # (B, H, L, ng)
-        lo = _finite(lo).repeat_interleave(gv, dim=-1)[..., : v.shape[-1]]
+        if dv == gv:  # one group per token (decoding's common case): no padding, no repeat
+            return torch.where(apart, _finite(rest.amin(-1, keepdim=True)), v)
+        lo = torch.nn.functional.pad(rest, (0, -dv % gv), value=INF).unflatten(-1, (-1, gv)).amin(-1)  # (B, H, L, ng)
+        lo = _finite(lo).repeat_interleave(gv, dim=-1)[..., :dv]
         return torch.where(apart, lo, v)
+
+    def _mask(self, dv: int, device) -> Tensor:
+        """(H, 1, Dv) bool, True at the held-apart channels (made per call: not held)."""
+        m = torch.zeros(self.heads, dv, dtype=torch.bool, device=device)
+        return m.scatter_(-1, self.index.to(device), True)[:, None]
 
     def append(self, held: dict[str, Tensor], v: Tensor) -> dict[str, Tensor]:
         """The held tensors that change when value rows v (B, H, L, Dv) are added: their
@@ -161,6 +169,20 @@ class ValueChannels:
         if t1 > na or not parts:
             parts.append(held["value_apart_residual"][:, :, max(t0, na) - na : max(t1 - na, 0)].float())
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def product(self, held: dict[str, Tensor], p: Tensor, t0: int, t1: int) -> Tensor:
+        """p (B, H, M, t1−t0) times the held-apart channels of value rows [t0, t1): (B, H, M, k).
+        Where the rows reach the packed groups' end and the C kernel fits (decoding), straight
+        from the codes (:func:`attnkit.cache.native.dq_rowdot`) plus the waiting rows; else
+        ``p @`` :meth:`rows`."""
+        codes = held["value_apart_codes"]
+        na = codes.shape[2] * self.group
+        if t0 <= na <= t1 and fused(p, codes, APART_BITS):
+            out = native.dq_rowdot(p, codes, APART_BITS, held["value_apart_scale"], held["value_apart_low"], start=t0)
+            if t1 > na:
+                out += torch.matmul(p[..., na - t0 :], held["value_apart_residual"][:, :, : t1 - na].float())
+            return out
+        return torch.matmul(p, self.rows(held, t0, t1))
 
     def put(self, out: Tensor, x: Tensor) -> Tensor:
         """out (B, H, M, Dv) with the held-apart channels' columns replaced by x (B, H, M, k)."""
