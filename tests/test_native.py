@@ -63,6 +63,24 @@ def test_dq_matmul_reads_and_writes_strided_views():
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("start", [0, 5, 64, 70])  # from token 0, inside group 0, at and inside group 1
+def test_dq_rowdot_equals_its_formula(bits, start):
+    """The transposed product of the held-apart value channels: codes per channel over groups
+    of C tokens, p's column 0 at token ``start``, read from a strided view."""
+    g = torch.Generator().manual_seed(3)
+    b, h, m, ng, j, c = 2, 3, 3, 4, 2, 64
+    codes = torch.randint(0, 1 << bits, (b, h, ng, j, c), generator=g, dtype=torch.uint8)
+    scale, low = torch.rand(b, h, ng, j, generator=g).half() + 0.1, torch.randn(b, h, ng, j, generator=g).half()
+    t = ng * c - start + 7
+    p = torch.randn(b, h, m, t + 9, generator=g)[..., 4 : 4 + t]  # extra columns past the groups: not read
+    out = native.dq_rowdot(p, pack(codes, bits), bits, scale, low, start=start)
+    deq = (low.double()[..., None] + scale.double()[..., None] * codes.double()).transpose(-1, -2).flatten(2, 3)
+    ref = torch.matmul(p.double()[..., : ng * c - start], deq[:, :, start:])  # (B, H, M, J)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
 def test_unsupported_rows_are_refused_and_left_to_torch():
     a, codes, packed, _, _ = _operands((2,), 3, 8, 48, 4)  # rows of 48 codes: no kernel for them
     assert not quant.fused(a, packed, 4)
