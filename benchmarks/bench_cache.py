@@ -34,6 +34,7 @@ import torch
 from transformers import DynamicCache
 
 import attnkit.cache as kvc
+from attnkit.cache import native
 from attnkit import data
 from attnkit.bench.machine import cpu_model
 
@@ -238,6 +239,38 @@ def speed_rounds(model, ids: torch.Tensor, names, rounds: int, steps: int, mem_a
     return tps
 
 
+def generations(model, tok, books: dict, names, gen: dict, mem_args: dict, start: float) -> dict[str, torch.Tensor]:
+    """Greedy continuations of ``gen["prompts"]`` prompts of Emma under each cache."""
+    text = books["Emma"]
+    prompts = torch.cat([tokens_of(tok, text, gen["prompt_tokens"], start=10_000 + i * 60_000)
+                         for i in range(gen["prompts"])])
+    outs = {}
+    for name in names:
+        use(model, name)
+        outs[name] = generate(model, prompts, make_cache(name, model.config, mem_args), gen["new_tokens"])
+        print(f"generation {name} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return outs
+
+
+def speed_table(model, tok, books: dict, args, mem_args: dict) -> tuple[dict, str]:
+    """The decode-speed table (best of ``args.speed_rounds`` interleaved rounds) and its note."""
+    tps = speed_rounds(model, speed_ids(tok, books, args.speed_context), SPEED_CACHES, args.speed_rounds,
+                       args.speed_steps, mem_args)
+    speed = {"context": args.speed_context, "steps": args.speed_steps, "tokens_per_s": {k: max(v) for k, v in tps.items()},
+             "all_runs": tps, "kernel": native.status()}
+    note = (
+        f"Each figure is the best of its {args.speed_rounds} rounds (the caches interleaved in each round); the per-round "
+        "ratios against the same round's full cache are in cache_cpu.json (all_runs). Decoding (few query rows) takes "
+        "QuantizedSnapshot._attend_fused: the packed key groups' scores are computed straight from the codes by a C "
+        "kernel (attnkit.cache.native.dq_matmul: each row of codes unpacked into SIMD registers, the group's scale and "
+        "low folded in, the scores written in place into one score tensor), one softmax, then the packed value rows' "
+        "product the same way (and the held-apart value channels by native.dq_rowdot). The kernel: "
+        f"{native.status()}. What is left above the full cache is eager PyTorch per layer and token: the new token's "
+        "value row quantized and packed (about 30 small operators), the key plan's query gathers, and the held-apart "
+        "channels' bookkeeping; the DynamicCache instead copies its whole fp32 cache once per token (torch.cat).")
+    return speed, note
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -335,6 +368,11 @@ def main(argv=None) -> None:
                    help="recompute only the bytes tables (shapes fix them) into an existing <out>/cache_cpu.json")
     p.add_argument("--perplexity-only", nargs="+", metavar="CACHE",
                    help="compute only these caches' perplexity (at the run's sizes) into an existing <out>/cache_cpu.json")
+    p.add_argument("--generation-only", nargs="+", metavar="CACHE",
+                   help="compute only these caches' greedy agreement (against a new full-cache run) into an "
+                        "existing <out>/cache_cpu.json")
+    p.add_argument("--speed-only", action="store_true",
+                   help="rerun only the decode-speed table (every cache of SPEED_CACHES) into an existing <out>/cache_cpu.json")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     if args.threads:
@@ -350,10 +388,22 @@ def main(argv=None) -> None:
         argv if argv is not None else __import__("sys").argv[1:]), "sizes": args.sizes, "chunk": args.chunk,
         "book": book, "memory_args": mem_args, "window_only_window": memory_window_equal_size(cfg, **mem_args)}
 
-    if args.bytes_only or args.perplexity_only:  # the rest of an earlier run kept as it was
+    if args.bytes_only or args.perplexity_only or args.generation_only or args.speed_only:  # the rest kept as it was
         old = json.loads((args.out / "cache_cpu.json").read_text())
         old["plans"] = fit_plans(model, tok, books)
-        if args.bytes_only:
+        if args.speed_only:
+            old["speed"], old["speed_note"] = speed_table(model, tok, books, args, old["memory_args"])
+            done = "Decode-speed table rerun by `--speed-only`"
+        elif args.generation_only:
+            g = old["generation"]
+            outs = generations(model, tok, books, ["full", *args.generation_only], g, old["memory_args"], start)
+            for name in args.generation_only:
+                g["agreement"][name] = (outs[name] == outs["full"]).float().mean().item()
+            order = [quant_name(*q) for q in QUANT] + ["memory"]
+            g["agreement"] = dict(sorted(g["agreement"].items(), key=lambda kv: order.index(kv[0])))
+            done = "Greedy agreement of " + ", ".join(f"`{n}`" for n in args.generation_only) + \
+                " computed by `--generation-only`"
+        elif args.bytes_only:
             old["bytes"] = bytes_table(cfg, old["sizes"], old["memory_args"])
             done = "Bytes tables recomputed by `--bytes-only`"
         else:
@@ -394,30 +444,12 @@ def main(argv=None) -> None:
             print(f"ppl T={t} {name}: {res['perplexity'][name][str(t)]:.3f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
 
-    text = books["Emma"]
-    prompts = [tokens_of(tok, text, args.prompt_tokens, start=10_000 + i * 60_000) for i in range(args.prompts)]
-    outs = {}
-    for name in ["full"] + [quant_name(*q) for q in QUANT] + ["memory"]:
-        use(model, name)
-        outs[name] = generate(model, torch.cat(prompts), make_cache(name, cfg, mem_args), args.new_tokens)
-        print(f"generation {name} ({time.perf_counter() - start:.0f} s)", flush=True)
-    agreement = {name: (outs[name] == outs["full"]).float().mean().item() for name in outs if name != "full"}
-    res["generation"] = {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                         "agreement": agreement}
+    gen = {"prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens}
+    outs = generations(model, tok, books, ["full"] + [quant_name(*q) for q in QUANT] + ["memory"], gen, mem_args, start)
+    gen["agreement"] = {name: (outs[name] == outs["full"]).float().mean().item() for name in outs if name != "full"}
+    res["generation"] = gen
 
-    tps = speed_rounds(model, speed_ids(tok, books, args.speed_context), SPEED_CACHES, args.speed_rounds,
-                       args.speed_steps, mem_args)
-    res["speed"] = {"context": args.speed_context, "steps": args.speed_steps,
-                    "tokens_per_s": {k: max(v) for k, v in tps.items()}, "all_runs": tps}
-    res["speed_note"] = (
-        f"Each figure is the best of its {args.speed_rounds} rounds (the caches interleaved in each round). Decoding "
-        "(few query rows) takes QuantizedSnapshot's two-pass path: per block of 1024 cached tokens, the packed codes' "
-        "bit-slot planes are multiplied as they lie (attnkit.cache.quant.code_matmul: two nibble planes at 4 bits, one "
-        "shift of the int32 words into four byte planes at 2 bits), converted to fp32 on the way, for keys and for "
-        "values; then one softmax over all scores. Per layer and token that converts every cached code to fp32 (as "
-        "many bytes written as the fp32 cache's two torch.cat copies of the whole cache) and runs some 60 more eager "
-        "operators than the fp32 cache's 3 (two cats and one SDPA call). A fused unpack-and-dot kernel (C++/Triton) "
-        "is what would remove both.")
+    res["speed"], res["speed_note"] = speed_table(model, tok, books, args, mem_args)
     res["seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cache_cpu.json").write_text(json.dumps(res, indent=2))

@@ -1,5 +1,6 @@
-"""attnkit.cache.native: the C kernel against its formula (every width and row length,
-scales and lows, strided operands, skipped leading rows), the fused decode path against
+"""attnkit.cache.native: the C kernels against their formulas (every width and row length,
+scales and lows, strided operands, skipped leading rows; the quantizer bit for bit against
+PyTorch's), the fused decode path against
 attention over the cache's dequantized contents (uniform keys, a key plan, value channels
 held apart, sinks, padding, a few new tokens), the same answer as the PyTorch path, and
 the fallback when the kernel cannot be built."""
@@ -78,6 +79,25 @@ def test_dq_rowdot_equals_its_formula(bits, start):
     deq = (low.double()[..., None] + scale.double()[..., None] * codes.double()).transpose(-1, -2).flatten(2, 3)
     ref = torch.matmul(p.double()[..., : ng * c - start], deq[:, :, start:])  # (B, H, M, J)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("g", [1, 7, 16, 33, 64])
+def test_quantize_rows_is_bit_for_bit_torchs(bits, g):
+    """The decode step's min-max quantization in C: the same codes, scales and lows as
+    quantize() + pack(), over magnitudes from fp16 subnormals to near its overflow,
+    constant rows and large offsets."""
+    gen = torch.Generator().manual_seed(g * 10 + bits)
+    x = torch.randn(6, 40, g, generator=gen) * 10.0 ** torch.arange(-8, 4, 2).view(6, 1, 1)
+    x[0, :5] = x[0, :5, :1]  # constant rows
+    x[1, 5:10] += 3000.0  # offsets far from 0
+    x[2, 10:15] = torch.randn(5, g, generator=gen).half().float()  # values fp16 holds exactly
+    x[3, 15:20] *= 60000.0 / x[3, 15:20].abs().amax().clamp_min(1e-30)  # near fp16's largest
+    got = quant.quantize_packed(x, bits)
+    codes, scale, low = quant.quantize(x, bits)
+    for a, b in zip(got, (pack(codes, bits), scale, low)):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 @needs_kernel

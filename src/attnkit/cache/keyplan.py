@@ -370,21 +370,12 @@ class KeyLayout:
         return out + low[..., None]
 
     def scores_fused(self, qs: Tensor, held: dict[str, Tensor], out: Tensor) -> None:
-        """:meth:`scores` of few rows through the C kernel, written into ``out`` (B, H, M, nG, G)
-        (a view into the caller's score tensor): every head's rows stacked (rows of other
-        heads' digits are zero, and the kernel skips them), the scales gathered per digit
-        and the lows on each channel's first digit, so one call does every group."""
-        from .native import dq_matmul
-        b, h, m, _ = qs.shape
-        dev = qs.device
-        _, a = self.rows(qs)  # stacked: (B, H·M, ·)
-        dchan = self.digit_chan.to(dev).long()
-        scale = held["key_scale"][..., dchan].float()  # (B, nG, E_d)
-        low = held["key_low"][..., dchan].float() * (self.digit_shift.to(dev) == 0)  # lows once per channel
-        stacked = out.flatten(1, 2).transpose(1, 2)  # (B, nG, H·M, G)
-        dq_matmul(a["digit"][:, None], held["key_codes"], self.bits, scale, low, out=stacked)
-        if len(self.zero):
-            stacked += torch.matmul(held["key_mean"].float(), a["zero"].transpose(-1, -2))[..., None]  # (B, nG, H·M, 1)
+        """:meth:`scores` of few rows, written into ``out`` (B, H, M, nG·G) (a view into the
+        caller's score tensor) by one call of the C kernel for every group
+        (:func:`attnkit.cache.native.plan_scores`: each head's digit rows multiplied by its own
+        query rows, scales and lows read through the layout's index tensors)."""
+        from .native import plan_scores
+        plan_scores(self, qs, held, out)
 
     def scores(self, rows: tuple[bool, dict[str, Tensor]], held: dict[str, Tensor], m: int,
                step: int | None = None) -> Tensor:

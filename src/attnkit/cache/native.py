@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["CODES_PER_ROW", "available", "code_matmul", "dq_matmul", "dq_rowdot", "status"]
+__all__ = ["CODES_PER_ROW", "available", "code_matmul", "dq_matmul", "dq_rowdot", "plan_scores", "quantize_rows", "status"]
 
 CODES_PER_ROW = (64, 128, 256)  # the row lengths the kernel is built for (group sizes / head dims)
 
@@ -64,11 +64,60 @@ static inline v16i load16(const uint8_t *p) {
 }
 #endif
 
+/* fp16 <-> fp32 in integer arithmetic (IEEE binary16, round to nearest even), so that the
+   results match torch's conversions bit for bit on any compiler. */
+static inline float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (e == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  /* subnormal: normalise */
+            int shift = -1;
+            do { shift++; man <<= 1; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(112 - shift) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (e == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((e + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));  /* inf, nan */
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  /* >= 65520 rounds to inf */
+    if (ax < 0x38800000) {  /* below 2^-14: a subnormal (or 0), in steps of 2^-24 */
+        float af;
+        memcpy(&af, &ax, 4);
+        float q = af * 16777216.0f;  /* exact: a power of two */
+        float r = (float)(int32_t)q, frac = q - r;  /* q < 1024 */
+        if (frac > 0.5f || (frac == 0.5f && ((int32_t)r & 1))) r += 1.0f;
+        return (uint16_t)(sign | (uint32_t)r);
+    }
+    uint32_t h = ((ax >> 23) - 112) << 10 | ((ax & 0x7fffff) >> 13);
+    const uint32_t rest = ax & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;  /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
+static inline uint16_t h_next(uint16_t h, int up) {  /* torch.nextafter(h, +-inf) in fp16 */
+    if ((h & 0x7fff) > 0x7c00) return h;
+    if ((h & 0x7fff) == 0) return up ? 0x0001 : 0x8001;
+    if ((h & 0x7fff) == 0x7c00 && ((h >> 15) ^ up)) return h;  /* inf towards itself */
+    return (uint16_t)((((h >> 15) & 1) ^ up) ? h + 1 : h - 1);
+}
+
 /* What one call multiplies: for each item n < N (the batch, flattened) and query row
    m < M,  out[n, m, c] = sum_{k0 <= k < K} a[n, m, k] * (low[n, k] + scale[n, k] * code(codes[n, k], c)),
    c < C = W*8/bits: ``a @ dequantize(codes)`` with the rows' scales and lows folded in.
    codes (N, K, W) uint8 in attnkit.cache.quant.pack's planar layout (slot s of byte j is
-   code s*W + j), scale and low (N, K) fp32 or NULL (1 and 0), all contiguous.  a and out
+   code s*W + j), scale and low (N, K) fp16 or NULL (1 and 0), all contiguous.  a and out
    are strided views: item n starts at (n / div) * s0 + (n % div) * s1, row m m * sm
    further, K (a) and C (out) contiguous -- so the key groups of one head share its query
    rows, and their scores land side by side in token order. */
@@ -76,7 +125,7 @@ typedef struct {
     const float *a;
     int64_t a_s0, a_s1, a_m;
     const uint8_t *codes;
-    const float *scale, *low;
+    const uint16_t *scale, *low;
     float *out;
     int64_t o_s0, o_s1, o_m;
     int64_t n, div, m, k, k0, w;
@@ -94,7 +143,7 @@ static void kernel_##BITS##_##NV(const dq_args *p) {                            
     const int64_t m_ = p->m, k_ = p->k;                                                         \
     for (int64_t n = 0; n < p->n; n++) {                                                        \
         const uint8_t *cn = p->codes + n * k_ * W;                                              \
-        const float *sn = p->scale ? p->scale + n * k_ : 0, *zn = p->low ? p->low + n * k_ : 0; \
+        const uint16_t *sn = p->scale ? p->scale + n * k_ : 0, *zn = p->low ? p->low + n * k_ : 0; \
         const float *an = p->a + (n / p->div) * p->a_s0 + (n % p->div) * p->a_s1;              \
         float *on = p->out + (n / p->div) * p->o_s0 + (n % p->div) * p->o_s1;                   \
         for (int64_t m0 = 0; m0 < m_; m0 += MB) {                                               \
@@ -112,7 +161,7 @@ static void kernel_##BITS##_##NV(const dq_args *p) {                            
                 int any = 0;                                                                    \
                 for (int i = 0; i < MB; i++) { x[i] = i < mb ? am[i][k] : 0.0f; any |= x[i] != 0.0f; } \
                 if (!any) continue;                                                             \
-                const float s = sn ? sn[k] : 1.0f, z = zn ? zn[k] : 0.0f;                       \
+                const float s = sn ? h2f(sn[k]) : 1.0f, z = zn ? h2f(zn[k]) : 0.0f;             \
                 for (int i = 0; i < MB; i++) { lsum[i] += x[i] * z; x[i] *= s; }                \
                 const uint8_t *row = cn + k * W;                                                \
                 v16f c[NV];                                                                     \
@@ -140,7 +189,7 @@ KERNEL(2, 16, 1) KERNEL(4, 16, 1) KERNEL(8, 16, 1)
    C tokens): out[n, m, j] = sum over groups g < nG and positions c < C of token
    t = g*C + c >= t0 of  p[n, m, t - t0] * (low[n, g, j] + scale[n, g, j] * code(codes[n, g, j], c))
    (p's column 0 is token t0).
-   codes (N, nG, J, W) uint8, scale and low (N, nG, J) fp32, all contiguous; p strided as a
+   codes (N, nG, J, W) uint8, scale and low (N, nG, J) fp16, all contiguous; p strided as a
    above (item n at (n / div) * s0 + (n % div) * s1, row m m * sm further, tokens
    contiguous); out (N, M, J) fp32 contiguous, overwritten.  Returns -1 for rows of other
    than 64, 128 or 256 codes. */
@@ -148,7 +197,7 @@ typedef struct {
     const float *p;
     int64_t p_s0, p_s1, p_m;
     const uint8_t *codes;
-    const float *scale, *low;
+    const uint16_t *scale, *low;
     float *out;
     int64_t n, div, m, ng, j, t0, w;
     int64_t bits;
@@ -172,7 +221,7 @@ int attnkit_dq_rowdot(const rowdot_args *a) {
                     for (int s = 0; s < per; s++)
                         c[(s * w) / 16 + q] = __builtin_convertvector((b >> (s * bits)) & mask, v16f);
                 }
-                const float sc = a->scale[r], z = a->low[r];
+                const float sc = h2f(a->scale[r]), z = h2f(a->low[r]);
                 const int64_t first = a->t0 > g * c_ ? a->t0 - g * c_ : 0;  /* positions before t0 left out */
                 if (first >= c_) continue;
                 for (int64_t m = 0; m < a->m; m++) {
@@ -197,6 +246,136 @@ int attnkit_dq_rowdot(const rowdot_args *a) {
         }
     }
     return 0;
+}
+
+/* Scores of a key plan's groups (attnkit.cache.keyplan.KeyLayout), one call for every group:
+   out[b, h, m, g*C + t] = sum over the digit rows k of head h of
+       q[b, h, m, c_k] * 2^shift_k * (scale[b, g, e_k] * digit(codes[b, g, k], t) + [shift_k == 0] * low[b, g, e_k])
+     + sum over the width-0 entries e of head h of q[b, h, m, c_e] * mean[b, g, e]
+   where e_k = digit_chan[k] is the digit's channel entry and chan[e_k] = h*D + c_k (entries
+   head-major).  q (B, H, M, D) fp32 contiguous; codes (B, nG, E_d, W); scale, low (B, nG,
+   E_c) and mean (B, nG, E_0) fp16; out rows (h, m) at (h*M + m) * o_m, group g at g*C, batch
+   b at b * o_s0. */
+typedef struct {
+    const float *q;
+    const uint8_t *codes;
+    const uint16_t *scale, *low, *mean;
+    const int32_t *chan, *zero, *digit_chan;
+    const uint8_t *digit_shift;
+    float *out;
+    int64_t o_s0, o_m;
+    int64_t b, h, m, d, ng, ed, ec, e0, w;
+    int64_t bits;
+} plan_args;
+
+#define PLAN_KERNEL(BITS, NV)                                                                   \
+static void plan_##BITS##_##NV(const plan_args *p) {                                            \
+    enum { W = NV * 2 * BITS, PER = 8 / BITS, MB = 4 };                                         \
+    const v16i mask = (v16i){} + ((1 << BITS) - 1);                                             \
+    const int64_t m_ = p->m, d_ = p->d;                                                         \
+    for (int64_t b = 0; b < p->b; b++)                                                          \
+    for (int64_t g = 0; g < p->ng; g++) {                                                       \
+        const int64_t bg = b * p->ng + g;                                                       \
+        const uint8_t *cg = p->codes + bg * p->ed * W;                                          \
+        const uint16_t *sg = p->scale + bg * p->ec, *zg = p->low + bg * p->ec, *mg = p->mean + bg * p->e0; \
+        int64_t k = 0, z = 0;                                                                   \
+        for (int64_t hh = 0; hh < p->h; hh++) {                                                 \
+            int64_t k1 = k, z1 = z;  /* this head's digits [k, k1) and mean entries [z, z1) */  \
+            while (k1 < p->ed && p->chan[p->digit_chan[k1]] / d_ == hh) k1++;                   \
+            while (z1 < p->e0 && p->zero[z1] / d_ == hh) z1++;                                  \
+            const float *qh = p->q + (b * p->h + hh) * m_ * d_;                                 \
+            for (int64_t m0 = 0; m0 < m_; m0 += MB) {                                           \
+                const int mb = (int)(m_ - m0 < MB ? m_ - m0 : MB);                              \
+                const float *qm[MB];                                                            \
+                for (int i = 0; i < MB; i++) qm[i] = qh + (m0 + (i < mb ? i : 0)) * d_;         \
+                v16f acc[MB][NV];                                                               \
+                float lsum[MB];                                                                 \
+                for (int i = 0; i < MB; i++) {                                                  \
+                    lsum[i] = 0.0f;                                                             \
+                    for (int v = 0; v < NV; v++) acc[i][v] = (v16f){};                          \
+                }                                                                               \
+                for (int64_t e = z; e < z1; e++) {                                              \
+                    const int64_t c = p->zero[e] % d_;                                          \
+                    const float mv = h2f(mg[e]);                                                \
+                    for (int i = 0; i < MB; i++) lsum[i] += qm[i][c] * mv;                      \
+                }                                                                               \
+                for (int64_t kk = k; kk < k1; kk++) {                                           \
+                    const int64_t e = p->digit_chan[kk], c = p->chan[e] % d_;                   \
+                    const int sh = p->digit_shift[kk];                                          \
+                    const float s = h2f(sg[e]) * (float)(1 << sh), lo = sh ? 0.0f : h2f(zg[e]); \
+                    float x[MB];                                                                \
+                    for (int i = 0; i < MB; i++) { lsum[i] += qm[i][c] * lo; x[i] = qm[i][c] * s; } \
+                    const uint8_t *row = cg + kk * W;                                           \
+                    v16f cv[NV];                                                                \
+                    for (int q = 0; q < W / 16; q++) {                                          \
+                        v16i bb = load16(row + 16 * q);                                         \
+                        for (int t = 0; t < PER; t++)                                           \
+                            cv[(t * W) / 16 + q] = __builtin_convertvector((bb >> (t * BITS)) & mask, v16f); \
+                    }                                                                           \
+                    for (int i = 0; i < MB; i++)                                                \
+                        for (int v = 0; v < NV; v++) acc[i][v] += x[i] * cv[v];                 \
+                }                                                                               \
+                for (int i = 0; i < MB; i++)                                                    \
+                    if (i < mb) {                                                               \
+                        float *o = p->out + b * p->o_s0 + (hh * m_ + m0 + i) * p->o_m + g * NV * 16; \
+                        for (int v = 0; v < NV; v++) ((v16fu *)o)[v] = acc[i][v] + lsum[i];     \
+                    }                                                                           \
+            }                                                                                   \
+            k = k1;                                                                             \
+            z = z1;                                                                             \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+PLAN_KERNEL(2, 4) PLAN_KERNEL(4, 4) PLAN_KERNEL(8, 4)
+PLAN_KERNEL(2, 8) PLAN_KERNEL(4, 8) PLAN_KERNEL(8, 8)
+PLAN_KERNEL(2, 16) PLAN_KERNEL(4, 16) PLAN_KERNEL(8, 16)
+
+int attnkit_plan_scores(const plan_args *p) {
+    const int64_t c = p->w * (8 / p->bits);
+#define CASE(B, NV) if (p->bits == B && c == NV * 16) { plan_##B##_##NV(p); return 0; }
+    CASE(2, 4) CASE(4, 4) CASE(8, 4) CASE(2, 8) CASE(4, 8) CASE(8, 8) CASE(2, 16) CASE(4, 16) CASE(8, 16)
+#undef CASE
+    return -1;
+}
+
+/* Min-max quantization of rows, exactly as attnkit.cache.quant.quantize(x, bits, "minmax")
+   followed by pack(): per row of G numbers, low = its min rounded down to fp16, scale =
+   (max - low) / qmax (at least 2^-14) rounded up to fp16, codes round((x - low) / scale)
+   clamped to [0, qmax], packed planar into W = ceil(G / per) bytes.  x (R, G) fp32, out
+   (R, W) uint8, scale and low (R,) fp16. */
+void attnkit_quantize_rows(const float *x, int64_t rows, int64_t g, int64_t bits, uint8_t *out,
+                           uint16_t *scale, uint16_t *low) {
+    const int per = 8 / (int)bits, qmax = (1 << bits) - 1;
+    const int64_t w = (g + per - 1) / per;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * g;
+        float lo = xr[0], hi = xr[0];
+        for (int64_t i = 1; i < g; i++) {
+            lo = xr[i] < lo ? xr[i] : lo;
+            hi = xr[i] > hi ? xr[i] : hi;
+        }
+        uint16_t lh = f2h(lo);
+        if (h2f(lh) > lo) lh = h_next(lh, 0);
+        const float lowf = h2f(lh);
+        float sc = (hi - lowf) / (float)qmax;
+        if (sc < 6.103515625e-05f) sc = 6.103515625e-05f;
+        uint16_t sh = f2h(sc);
+        if (h2f(sh) < sc) sh = h_next(sh, 1);
+        const float scf = h2f(sh);
+        uint8_t *o = out + r * w;
+        memset(o, 0, (size_t)w);
+        for (int64_t i = 0; i < g; i++) {
+            const float y = (xr[i] - lowf) / scf;
+            float c = (float)(int32_t)y, frac = y - c;  /* round half to even, as torch.round; y >= -1 */
+            if (y < 0.0f) { c = 0.0f; frac = 0.0f; }
+            if (frac > 0.5f || (frac == 0.5f && ((int32_t)c & 1))) c += 1.0f;
+            if (c > (float)qmax) c = (float)qmax;
+            o[i % w] |= (uint8_t)((int)c << (bits * (i / w)));
+        }
+        scale[r] = sh;
+        low[r] = lh;
+    }
 }
 
 /* The kernel for rows of C = W*8/bits codes; returns -1 where none fits (C not 64, 128
@@ -228,6 +407,16 @@ class _RowArgs(ctypes.Structure):
                 ("out", ctypes.c_void_p), ("n", ctypes.c_int64), ("div", ctypes.c_int64), ("m", ctypes.c_int64),
                 ("ng", ctypes.c_int64), ("j", ctypes.c_int64), ("t0", ctypes.c_int64), ("w", ctypes.c_int64),
                 ("bits", ctypes.c_int64)]
+
+
+class _PlanArgs(ctypes.Structure):
+    """The C side's plan_args."""
+
+    _fields_ = [("q", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("low", ctypes.c_void_p), ("mean", ctypes.c_void_p), ("chan", ctypes.c_void_p),
+                ("zero", ctypes.c_void_p), ("digit_chan", ctypes.c_void_p), ("digit_shift", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("o_s0", ctypes.c_int64), ("o_m", ctypes.c_int64)] + [
+                (f, ctypes.c_int64) for f in ("b", "h", "m", "d", "ng", "ed", "ec", "e0", "w", "bits")]
 
 
 _FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles
@@ -275,6 +464,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fn.rowdot = dll.attnkit_dq_rowdot
         fn.rowdot.restype = ctypes.c_int
         fn.rowdot.argtypes = [ctypes.POINTER(_RowArgs)]
+        fn.plan = dll.attnkit_plan_scores
+        fn.plan.restype = ctypes.c_int
+        fn.plan.argtypes = [ctypes.POINTER(_PlanArgs)]
+        fn.quantize = dll.attnkit_quantize_rows
+        fn.quantize.restype = None
+        fn.quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
         return fn, f"built with {cc} {' '.join(flags)}: {lib}"
     return None, "the C kernel did not build: " + "; ".join(errors)
 
@@ -317,7 +512,7 @@ def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None,
         packed: (..., K, W) uint8 rows of :func:`attnkit.cache.quant.pack`, the same
             leading dims; rows of 64, 128 or 256 codes.
         bits: 2, 4 or 8.
-        scale, low: (..., K) per-row scale and low (any float dtype), or None (1 and 0).
+        scale, low: (..., K) per-row fp16 scale and low (as the cache holds them), or None (1 and 0).
         out: (..., M, C) fp32 to write into, C contiguous (a view, e.g. a slice of a wider
             score tensor); default a new tensor.
         start: rows k < start are left out (as if a[..., k] were 0).
@@ -342,8 +537,8 @@ def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None,
     if n == 0 or m == 0:
         return out
     packed = packed.contiguous()
-    sc = None if scale is None else scale.float().expand(*lead, k).contiguous()
-    lo = None if low is None else low.float().expand(*lead, k).contiguous()
+    sc = None if scale is None else _half(scale, "scale").expand(*lead, k).contiguous()
+    lo = None if low is None else _half(low, "low").expand(*lead, k).contiguous()
     a = a if a.stride(-1) == 1 else a.contiguous()
     a_s, o_s = _item_strides(a), _item_strides(out)
     args = _Args(a.data_ptr(), a_s[0], a_s[1], a.stride(-2), packed.data_ptr(),
@@ -358,7 +553,7 @@ def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None,
 def dq_rowdot(p: Tensor, packed: Tensor, bits: int, scale: Tensor, low: Tensor, *, start: int = 0) -> Tensor:
     """The transposed product, for channels quantized over groups of tokens: p (..., M, T)
     fp32, column 0 token ``start`` (T contiguous, T >= nG·C − start), packed (..., nG, J, W)
-    uint8 rows of C = W·8/bits codes, scale and low (..., nG, J) -> (..., M, J) fp32 with
+    uint8 rows of C = W·8/bits codes, scale and low (..., nG, J) fp16 -> (..., M, J) fp32 with
     ``out[..., m, j] = Σ_{start <= t < nG·C} p[..., m, t − start] · (low[..., t // C, j] +
     scale[..., t // C, j] · code(packed[..., t // C, j, :], t % C))``.  Call only when
     :func:`available`."""
@@ -373,13 +568,56 @@ def dq_rowdot(p: Tensor, packed: Tensor, bits: int, scale: Tensor, low: Tensor, 
     if out.numel() == 0 or ng == 0:
         return out.zero_()
     p = p if p.stride(-1) == 1 else p.contiguous()
-    packed, sc, lo = packed.contiguous(), scale.float().contiguous(), low.float().contiguous()
+    packed, sc, lo = packed.contiguous(), _half(scale, "scale").contiguous(), _half(low, "low").contiguous()
     p_s = _item_strides(p)
     args = _RowArgs(p.data_ptr(), p_s[0], p_s[1], p.stride(-2), packed.data_ptr(), sc.data_ptr(), lo.data_ptr(),
                     out.data_ptr(), n, p_s[2], m, ng, jn, start, w, bits)
     if _lib().rowdot(ctypes.byref(args)):
         raise ValueError(f"dq_rowdot: rows of {c} codes ({w} bytes) are not supported")
     return out
+
+
+def plan_scores(layout, qs: Tensor, held: dict[str, Tensor], out: Tensor) -> None:
+    """A key plan's scores of few rows, every group in one call, written into ``out``
+    (B, H, M, nG·G): a view with the last dim contiguous and rows (h, m) evenly spaced (a
+    slice of the score tensor).  ``layout`` is the layer's
+    :class:`~attnkit.cache.keyplan.KeyLayout`, ``held`` its tensors.  Call only when
+    :func:`available`."""
+    b, h, m, d = qs.shape
+    codes, scale, low, mean = (held[n].contiguous() for n in ("key_codes", "key_scale", "key_low", "key_mean"))
+    ng, ed, w = codes.shape[1:]
+    qs = qs.contiguous()
+    if out.stride(-1) != 1 or out.stride(1) != m * out.stride(2) or out.shape != (b, h, m, ng * w * 8 // layout.bits):
+        raise ValueError(f"plan_scores: out of shape {tuple(out.shape)} and strides {out.stride()} is not a "
+                         f"(B, H, M, nG·G) score view")
+    idx = [t.contiguous() for t in (layout.chan, layout.zero, layout.digit_chan, layout.digit_shift)]
+    args = _PlanArgs(qs.data_ptr(), codes.data_ptr(), _half(scale, "scale").data_ptr(), _half(low, "low").data_ptr(),
+                     _half(mean, "mean").data_ptr(), *(t.data_ptr() for t in idx), out.data_ptr(), out.stride(0),
+                     out.stride(2), b, h, m, d, ng, ed, scale.shape[-1], mean.shape[-1], w, layout.bits)
+    if ng and _lib().plan(ctypes.byref(args)):
+        raise ValueError(f"plan_scores: rows of {w * 8 // layout.bits} codes are not supported")
+
+
+def quantize_rows(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``pack(*quantize(x, bits, "minmax"))`` in one pass, bit for bit the same: x (..., G)
+    fp32 on the CPU -> packed codes (..., ceil(G·bits/8)), fp16 scale (...,), fp16 low (...,).
+    Call only when :func:`available`."""
+    per = 8 // bits
+    g = x.shape[-1]
+    x = x.contiguous()
+    packed = torch.empty(*x.shape[:-1], -(-g // per), dtype=torch.uint8)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float16)
+    low = torch.empty_like(scale)
+    rows = scale.numel()
+    if rows and g:
+        _lib().quantize(x.data_ptr(), rows, g, bits, packed.data_ptr(), scale.data_ptr(), low.data_ptr())
+    return packed, scale, low
+
+
+def _half(t: Tensor, name: str) -> Tensor:
+    if t.dtype != torch.float16:
+        raise TypeError(f"argument {name!r}: expected the cache's fp16 scales and lows, got {t.dtype}")
+    return t
 
 
 def _item_strides(x: Tensor) -> tuple[int, int, int]:

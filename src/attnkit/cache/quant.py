@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import native
 
-__all__ = ["BITS", "SCALES", "code_matmul", "code_order", "dequantize", "fused", "pack", "quantize", "unpack", "unpack_bytes"]
+__all__ = ["BITS", "SCALES", "code_matmul", "code_order", "dequantize", "fused", "quantize_packed", "pack", "quantize", "unpack", "unpack_bytes"]
 
 BITS = (2, 4, 8)
 SCALES = ("minmax", "search")
@@ -232,6 +232,17 @@ def quantize(x: Tensor, bits: int, scale: str = "minmax") -> tuple[Tensor, Tenso
     best = err.argmin(dim=-1, keepdim=True)  # (..., 1): the first minimum, so ties keep min-max
     s, low = s_k.gather(-1, best), low_k.gather(-1, best)  # (..., 1)
     return _codes(x, s, low, qmax).to(torch.uint8), s[..., 0], low[..., 0]
+
+
+def quantize_packed(x: Tensor, bits: int, scale: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
+    """``pack(codes, bits), scale, low`` of :func:`quantize`, in one pass of the C kernel for
+    min-max groups of fp32 on the CPU (bit for bit the same codes, scales and lows;
+    :func:`attnkit.cache.native.quantize_rows`), else through :func:`quantize` and :func:`pack`."""
+    if (scale == "minmax" and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1]
+            and not (x.requires_grad and torch.is_grad_enabled()) and native.available()):
+        return native.quantize_rows(x, bits)
+    codes, s, low = quantize(x, bits, scale)
+    return pack(codes, bits), s, low
 
 
 def dequantize(codes: Tensor, scale: Tensor, low: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

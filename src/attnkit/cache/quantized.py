@@ -13,7 +13,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from .native import CODES_PER_ROW, dq_matmul
-from .quant import BITS, FUSED_MAX_ROWS, SCALES, code_matmul, code_order, dequantize, fused, pack, quantize, unpack, unpack_bytes
+from .quant import BITS, FUSED_MAX_ROWS, SCALES, code_matmul, code_order, dequantize, fused, quantize_packed, unpack, unpack_bytes
 from .keyplan import KeyLayout, as_plan
 from .layer import HeldTensorsLayer
 from .valuechannels import ValueChannels
@@ -162,11 +162,12 @@ class QuantizedSnapshot(Snapshot):
         v = torch.cat([self.vr, self.v_new], dim=-2).float()  # tokens [v_at, P + N)
         scores = qs.new_empty(b, h, m, self.length)
         if ng:
-            grouped = scores[..., a0 : a0 + ng * g].unflatten(-1, (ng, g))  # (B, H, M, nG, G) views
+            packed = scores[..., a0 : a0 + ng * g]  # (B, H, M, nG·G): a view, written in place
             if self.layout is not None:
-                self.layout.scores_fused(qs, self.kheld, grouped)
+                self.layout.scores_fused(qs, self.kheld, packed)
             else:
-                dq_matmul(qs[:, :, None], self.kc, self.bits, self.ks, self.kl, out=grouped.transpose(2, 3))
+                dq_matmul(qs[:, :, None], self.kc, self.bits, self.ks, self.kl,
+                          out=packed.unflatten(-1, (ng, g)).transpose(2, 3))  # (B, H, nG, M, G)
         if off:  # after the packed groups: the sinks' places at their front are the sinks' scores
             torch.matmul(qs, self.sk.float().transpose(-1, -2), out=scores[..., :off])
         torch.matmul(qs, k.transpose(-1, -2), out=scores[..., k_at:])
@@ -378,8 +379,8 @@ class QuantizedLayer(HeldTensorsLayer):
                 v = self.apart.exclude(v, gv)
             if ng * gv != v.shape[-1]:  # pad by repeating the last channel: the group's range is unchanged
                 v = torch.cat([v, v[..., -1:].expand(*v.shape[:-1], ng * gv - v.shape[-1])], dim=-1)
-            codes, s, low = quantize(v.reshape(*v.shape[:-1], ng, gv), self.bits, self.scale)  # (B, H, nv, ng, Gv)
-            self.value_codes = torch.cat([self.value_codes, pack(codes, self.bits)], dim=2)
+            codes, s, low = quantize_packed(v.reshape(*v.shape[:-1], ng, gv), self.bits, self.scale)  # (B, H, nv, ng, ·)
+            self.value_codes = torch.cat([self.value_codes, codes], dim=2)
             self.value_scale = torch.cat([self.value_scale, s], dim=2)
             self.value_low = torch.cat([self.value_low, low], dim=2)
             self.value_residual = self.value_residual[:, :, nv:].clone()  # clone: free the old storage
@@ -397,8 +398,8 @@ class QuantizedLayer(HeldTensorsLayer):
                     setattr(self, name, torch.cat([getattr(self, name), t], dim=1))
             else:
                 # Keys are always min-max: see QuantizedCache's ``scale`` for why the search skips them.
-                codes, s, low = quantize(k.transpose(-1, -2), self.bits, "minmax")  # (B, H, nG', D, G)
-                self.key_codes = torch.cat([self.key_codes, pack(codes, self.bits)], dim=2)
+                codes, s, low = quantize_packed(k.transpose(-1, -2), self.bits, "minmax")  # (B, H, nG', D, ·)
+                self.key_codes = torch.cat([self.key_codes, codes], dim=2)
                 self.key_scale = torch.cat([self.key_scale, s], dim=2)
                 self.key_low = torch.cat([self.key_low, low], dim=2)
             self.key_residual = self.key_residual[:, :, nk:].clone()

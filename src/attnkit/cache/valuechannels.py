@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .quant import dequantize, fused, pack, quantize, unpack
+from .quant import dequantize, fused, quantize_packed, unpack
 
 __all__ = ["APART_BITS", "ValueChannels", "range_channels"]
 
@@ -148,8 +148,7 @@ class ValueChannels:
         out = {"value_apart_residual": res}
         if n:
             x = res[:, :, : n * self.group].float().unflatten(2, (n, self.group)).transpose(-1, -2)  # (B, H, n, k, G)
-            codes, s, low = quantize(x, APART_BITS)
-            codes = pack(codes, APART_BITS)
+            codes, s, low = quantize_packed(x, APART_BITS)
             for name, t in (("value_apart_codes", codes), ("value_apart_scale", s), ("value_apart_low", low)):
                 out[name] = torch.cat([held[name], t], dim=2)
             out["value_apart_residual"] = res[:, :, n * self.group :].clone()  # clone: free the old storage
