@@ -258,17 +258,24 @@ def speed_table(model, tok, books: dict, args, mem_args: dict) -> tuple[dict, st
                        args.speed_steps, mem_args)
     speed = {"context": args.speed_context, "steps": args.speed_steps, "tokens_per_s": {k: max(v) for k, v in tps.items()},
              "all_runs": tps, "kernel": native.status()}
-    note = (
-        f"Each figure is the best of its {args.speed_rounds} rounds (the caches interleaved in each round); the per-round "
+    return speed, speed_note(args.speed_rounds, speed["kernel"])
+
+
+def speed_note(rounds: int, kernel: str) -> str:
+    """What the decode-speed table measures and what limits it."""
+    return (
+        f"Each figure is the best of its {rounds} rounds (the caches interleaved in each round); the per-round "
         "ratios against the same round's full cache are in cache_cpu.json (all_runs). Decoding (few query rows) takes "
-        "QuantizedSnapshot._attend_fused: the packed key groups' scores are computed straight from the codes by a C "
-        "kernel (attnkit.cache.native.dq_matmul: each row of codes unpacked into SIMD registers, the group's scale and "
-        "low folded in, the scores written in place into one score tensor), one softmax, then the packed value rows' "
-        "product the same way (and the held-apart value channels by native.dq_rowdot). The kernel: "
-        f"{native.status()}. What is left above the full cache is eager PyTorch per layer and token: the new token's "
-        "value row quantized and packed (about 30 small operators), the key plan's query gathers, and the held-apart "
-        "channels' bookkeeping; the DynamicCache instead copies its whole fp32 cache once per token (torch.cat).")
-    return speed, note
+        "QuantizedSnapshot._attend_fused: every packed key group's scores computed straight from the codes by a C "
+        "kernel (attnkit.cache.native.dq_matmul, or plan_scores for a key plan: each row of codes unpacked into SIMD "
+        "registers, the group's fp16 scale and low folded in, the scores written in place into one score tensor), one "
+        "softmax, then the packed value rows' product the same way (the held-apart value channels by "
+        "native.dq_rowdot); the new token's value row is quantized and packed in C too (native.quantize_rows, bit for "
+        "bit PyTorch's). The kernel: " + kernel + ". What limits decoding now is the same for every cache: "
+        "the model's own matrix products (its 135M fp32 weights read once per token, about half of each step) and "
+        "some 20-30 eager PyTorch operators per layer and token around the kernels; the full-precision "
+        "DynamicCache instead copies its whole fp32 cache once per token (torch.cat), which is why a packed cache "
+        "can decode faster than it.")
 
 
 # -- report ------------------------------------------------------------------------------------
