@@ -266,7 +266,7 @@ def speed_note(rounds: int, kernel: str) -> str:
     return (
         f"Each figure is the best of its {rounds} rounds (the caches interleaved in each round); the per-round "
         "ratios against the same round's full cache are in cache_cpu.json (all_runs). Decoding (few query rows) takes "
-        "QuantizedSnapshot._attend_fused: every packed key group's scores computed straight from the codes by a C "
+        "QuantizedSnapshot._attend_two_pass with the C kernel: every packed key group's scores computed straight from the codes by a C "
         "kernel (attnkit.cache.native.dq_matmul, or plan_scores for a key plan: each row of codes unpacked into SIMD "
         "registers, the group's fp16 scale and low folded in, the scores written in place into one score tensor), one "
         "softmax, then the packed value rows' product the same way (the held-apart value channels by "

@@ -144,10 +144,10 @@ def test_fused_decode_equals_attention_over_dequantized(keys, apart, sinks, n, m
     keep[1, ..., :2] = False  # a padded sink (or first token)
     keep[0, ..., 150] = False  # a padded packed token
     calls = []
-    fused = QuantizedSnapshot._attend_fused
-    monkeypatch.setattr(QuantizedSnapshot, "_attend_fused", lambda *a, **kw: calls.append(1) or fused(*a, **kw))
+    fused = QuantizedSnapshot._fused
+    monkeypatch.setattr(QuantizedSnapshot, "_fused", lambda *a: calls.append(fused(*a)) or calls[-1])
     out = cache_attention(q, kv, vv, is_causal=True, attn_mask=keep)
-    assert calls, "the decode rows did not take the fused path"
+    assert calls == [True], "the decode rows did not take the C kernel"
     kd, vd = kv.materialize(), vv.materialize()
     ref = attnkit.attention(q.double(), kd.double(), vd.double(), method="math",
                             attn_mask=keep & torch.ones(n, 300 + n, dtype=torch.bool).tril(300)).float()
@@ -155,7 +155,7 @@ def test_fused_decode_equals_attention_over_dequantized(keys, apart, sinks, n, m
     monkeypatch.setattr("attnkit.cache.native._LIB", None)  # as if the kernel had not built: the PyTorch path
     calls.clear()
     torch_out = cache_attention(q, kv, vv, is_causal=True, attn_mask=keep)
-    assert not calls and (torch_out - out).abs().max() <= 1e-5 * ref.abs().max()
+    assert calls == [False] and (torch_out - out).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_disabled_kernel_falls_back_and_says_why(monkeypatch):

@@ -133,8 +133,9 @@ class QuantizedSnapshot(Snapshot):
         return self._with_apart(out[..., : self.value_dim], p, t0, t1)
 
     def _fused(self, qs: Tensor) -> bool:
-        """Whether decoding rows qs take :meth:`_attend_fused`: the C kernel built and fit for
-        these rows (fp32, few of them), rows of 64/128/256 codes, values in one group per token."""
+        """Whether :meth:`_attend_two_pass` reads the packed parts for rows qs through the C
+        kernel: built and fit for these rows (fp32, few of them), rows of 64/128/256 codes,
+        values in one group per token."""
         rows = qs.shape[-2] * (self.heads if self.layout is not None else 1)  # a plan stacks every head's rows
         return (self.vs.shape[-1] == 1 and self.group in CODES_PER_ROW and rows <= FUSED_MAX_ROWS
                 and fused(qs, self.vc[:, :, :0, 0], self.bits))
@@ -148,26 +149,60 @@ class QuantizedSnapshot(Snapshot):
             new.masked_fill_(~new_token_keep(n, qs.shape[-2] // n, qs.device), float("-inf"))
         return scores
 
-    def _attend_fused(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
-        """:meth:`attend` for few rows through the C kernel (:func:`attnkit.cache.native.dq_matmul`):
-        every score written in place into one (B, H, M, S) tensor -- the packed key groups'
-        with their scales and lows folded in, straight from the codes -- one softmax, then
-        the packed value rows' product the same way.  A dozen operators per call instead of
-        some sixty, and no code converted to fp32 in memory."""
+    def _packed_scores(self, qs: Tensor, out: Tensor, fast: bool) -> None:
+        """Scores of qs (B, H, M, D) against every packed key group, written into ``out``
+        (B, H, M, nG·G), a view into the score tensor: by the C kernel straight from the codes
+        where ``fast``, else block by block through :func:`code_matmul` (the scales folded into
+        the rows: Σ_d q_d (low_d + s_d c_dt) = (q ⊙ s)·c_t + q·low per group)."""
+        ng, g = self.ngroups, self.group
+        grouped = out.unflatten(-1, (ng, g)).transpose(2, 3)  # (B, H, nG, M, G) view
+        if self.layout is not None and fast:
+            self.layout.scores_fused(qs, self.kheld, out)
+        elif self.layout is not None:
+            out.copy_(self.layout.scores(self.layout.rows(qs), self.kheld, qs.shape[-2], max(1, self.block // g)))
+        elif fast:
+            dq_matmul(qs[:, :, None], self.kc, self.bits, self.ks, self.kl, out=grouped)
+        else:
+            step = max(1, self.block // g)
+            qsg = qs[:, :, None] * self.ks.float()[:, :, :, None, :]  # (B, H, nG, M, D)
+            for g0 in range(0, ng, step):
+                grouped[:, :, g0 : g0 + step] = code_matmul(qsg[:, :, g0 : g0 + step], self.kc[:, :, g0 : g0 + step],
+                                                            self.bits)[..., :g]
+            grouped += torch.matmul(self.kl.float(), qs.transpose(-1, -2))[..., None]  # + q·low per group
+
+    def _packed_values(self, pq: Tensor, fast: bool) -> Tensor:
+        """pq (B, H, M, Lv) times the packed value rows (one group per token), rows [0, lead)
+        -- the sinks' places -- left out: (B, H, M, Dv); by the C kernel where ``fast``, else
+        block by block through :func:`code_matmul` (Σ_t p_t (low_t + s_t c_t) = (p ⊙ s)·c + p·low)."""
+        lead, lv = self.lead, pq.shape[-1]
+        if fast:
+            out = dq_matmul(pq, self.vc[:, :, :, 0], self.bits, self.vs[..., 0], self.vl[..., 0], start=lead)
+        else:
+            if lead:
+                pq = torch.cat([pq.new_zeros(*pq.shape[:-1], lead), pq[..., lead:]], dim=-1)
+            ps = pq * self.vs[:, :, :, 0].float()[:, :, None]  # (B, H, M, Lv)
+            span = max(1, self.block // self.group) * self.group
+            out = sum(code_matmul(ps[..., t0 : t0 + span], self.vc[:, :, t0 : t0 + span, 0], self.bits)
+                      for t0 in range(0, lv, span))  # (B, H, M, W·k)
+            out = out[..., : self.vgroup] + torch.matmul(pq, self.vl.float())
+        return self._with_apart(out[..., : self.value_dim], pq[..., lead:], lead, lv)
+
+    def _attend_two_pass(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
+        """:meth:`attend` for few rows (decoding): every score first, into one (B, H, M, S)
+        tensor -- the (rows, keys) scores are small -- then one softmax and the value
+        products.  The packed parts go through the C kernel straight from the codes where it
+        fits (:meth:`_fused`: a dozen operators per call, no code converted to fp32 in
+        memory), else through :func:`code_matmul` one block of codes at a time."""
         b, h, m, _ = qs.shape
         off, ng, g, a0, lead = self.offset, self.ngroups, self.group, self.start, self.lead
+        fast = self._fused(qs)
         lv = self.vc.shape[2]  # packed value rows (token a0 + row)
         k_at, v_at = max(a0 + ng * g, off), max(a0 + lv, off)  # where the full-precision tails start
         k = torch.cat([self.kr, self.k_new], dim=-2).float()  # tokens [k_at, P + N)
         v = torch.cat([self.vr, self.v_new], dim=-2).float()  # tokens [v_at, P + N)
         scores = qs.new_empty(b, h, m, self.length)
         if ng:
-            packed = scores[..., a0 : a0 + ng * g]  # (B, H, M, nG·G): a view, written in place
-            if self.layout is not None:
-                self.layout.scores_fused(qs, self.kheld, packed)
-            else:
-                dq_matmul(qs[:, :, None], self.kc, self.bits, self.ks, self.kl,
-                          out=packed.unflatten(-1, (ng, g)).transpose(2, 3))  # (B, H, nG, M, G)
+            self._packed_scores(qs, scores[..., a0 : a0 + ng * g], fast)
         if off:  # after the packed groups: the sinks' places at their front are the sinks' scores
             torch.matmul(qs, self.sk.float().transpose(-1, -2), out=scores[..., :off])
         torch.matmul(qs, k.transpose(-1, -2), out=scores[..., k_at:])
@@ -182,60 +217,13 @@ class QuantizedSnapshot(Snapshot):
         out = torch.matmul(p[..., v_at:], v)  # (B, H, M, Dv)
         if off:
             out += torch.matmul(p[..., :off], self.sv.float())
-        if lv > lead:  # rows [0, lead) are the sinks' places, attended exactly above
-            pq = p[..., a0 : a0 + lv]
-            packed = dq_matmul(pq, self.vc[:, :, :, 0], self.bits, self.vs[..., 0], self.vl[..., 0], start=lead)
-            out += self._with_apart(packed[..., : self.value_dim], pq[..., lead:], lead, lv)
+        if lv > lead:
+            out += self._packed_values(p[..., a0 : a0 + lv], fast)
         return out.div_(torch.where(den > 0, den, 1.0))
-
-    def _attend_two_pass(self, qs: Tensor, *, is_causal: bool, keep: Tensor | None) -> Tensor:
-        """:meth:`attend` for few rows (decoding): every score first -- the (rows, keys)
-        scores are small, the codes are still unpacked one block at a time -- then one
-        softmax and the value products block by block.  Fewer, larger operations than the
-        online merge: scales converted once for the whole cache, the value products summed
-        over blocks, no per-block rescaling."""
-        b, h, m, _ = qs.shape
-        off, ng, g, a0, lead = self.offset, self.ngroups, self.group, self.start, self.lead
-        step = max(1, self.block // g)
-        parts = [torch.matmul(qs, self.sk.float().transpose(-1, -2))] if off else []
-        if ng and self.layout is not None:
-            rows = self.layout.rows(qs)
-            parts.append(self.layout.scores(rows, self.kheld, m, step)[..., lead:])  # tokens [S, a0 + nG·G)
-        elif ng:
-            qsg = qs[:, :, None] * self.ks.float()[:, :, :, None, :]  # (B, H, nG, M, D)
-            blocks = [code_matmul(qsg[:, :, g0 : g0 + step], self.kc[:, :, g0 : g0 + step], self.bits)
-                      for g0 in range(0, ng, step)]  # (B, H, nb, M, W·k) each
-            sq = torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0]
-            sq = sq[..., :g] + torch.matmul(self.kl.float(), qs.transpose(-1, -2))[..., None]
-            parts.append(sq.transpose(2, 3).reshape(b, h, m, ng * g)[..., lead:])  # tokens [S, a0 + nG·G)
-        k, v = self._tail()
-        parts.append(self._new_scores(qs, k, is_causal))
-        scores = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B, H, M, S)
-        if keep is not None:
-            scores = scores.masked_fill(~keep, float("-inf"))
-        mx = scores.amax(dim=-1, keepdim=True)
-        p = torch.exp(scores - torch.where(mx == float("-inf"), 0.0, mx))  # 0 where masked
-        den = p.sum(dim=-1, keepdim=True)
-        out = torch.matmul(p[..., self.length - k.shape[-2] :], v)  # the tail
-        if off:
-            out += torch.matmul(p[..., :off], self.sv.float())
-        lq = ng * g  # value rows [0, lq) are read packed here; the rest of the packed ones are in the tail
-        if lq:
-            pq = p[..., a0 : a0 + lq]  # (B, H, M, Lq)
-            if lead:  # the sinks' places: attended exactly above
-                pq = torch.cat([pq.new_zeros(*pq.shape[:-1], lead), pq[..., lead:]], dim=-1)
-            vs, vl = self.vs[:, :, :lq, 0].float(), self.vl[:, :, :lq].float()  # (B, H, Lq), (B, H, Lq, 1)
-            ps = pq * vs[:, :, None]  # (B, H, M, Lq)
-            acc = sum(code_matmul(ps[..., t0 : t0 + step * g], self.vc[:, :, t0 : min(t0 + step * g, lq), 0], self.bits)
-                      for t0 in range(0, lq, step * g))  # (B, H, M, W·k)
-            out += self._with_apart(acc[..., : self.value_dim] + torch.matmul(pq, vl), pq, 0, lq)
-        return out / torch.where(den > 0, den, 1.0)
 
     def attend(self, q: Tensor, *, is_causal: bool, scale: float, keep: Tensor | None) -> Tensor:
         qs = q * scale
         if self.vs.shape[-1] == 1 and q.shape[0] * q.shape[1] * q.shape[2] * self.length <= TWO_PASS_MAX:
-            if self._fused(qs):
-                return self._attend_fused(qs, is_causal=is_causal, keep=keep)
             return self._attend_two_pass(qs, is_causal=is_causal, keep=keep)
         state = OnlineSoftmax(q, q.shape[:-1], self.value_dim)
         step = max(1, self.block // self.group)  # groups per block
