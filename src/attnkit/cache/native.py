@@ -1,18 +1,24 @@
-"""A fused unpack-and-multiply kernel for the packed codes, compiled on first use.
+"""Small C kernels for the packed codes, compiled on first use.
 
 Decoding reads every cached code once per token and layer with a handful of query rows.
 In eager PyTorch that means converting every code to fp32 (as many bytes written as the
-fp32 cache holds) and some 60 small operators per layer; :func:`code_matmul` does the
-product straight from the packed bytes instead, each row of codes unpacked into a
-buffer that stays in L1 and multiplied there, for any leading batch.
+fp32 cache holds) and some 60 small operators per layer.  These kernels work from the
+packed bytes instead, each row of codes unpacked into SIMD registers and multiplied there:
 
-The kernel is a few dozen lines of C, built with the system's C compiler (``$CC``, else
-``cc``/``gcc``/``clang``) into ``$ATTNKIT_CACHE/kernels`` (default
-``~/.cache/attnkit/kernels``) the first time it is needed, keyed by a hash of its source,
-flags and machine, and loaded with ctypes: no Python headers, no build of torch
-extensions.  Where no compiler works, or with ``ATTNKIT_KERNELS=0``, :func:`available`
-is False and attnkit keeps its PyTorch path (:func:`attnkit.cache.quant.code_matmul`);
-:func:`status` says why.
+* :func:`dq_matmul` -- ``a @ (low + scale · codes)`` for per-row scales (key groups against
+  query rows, probabilities against value rows), written into a strided view;
+* :func:`plan_scores` -- a key plan's scores, every group in one call;
+* :func:`dq_rowdot` -- the transposed product (value channels held apart, per channel over
+  groups of tokens);
+* :func:`quantize_rows` -- min-max quantization and packing, bit for bit as
+  :func:`attnkit.cache.quant.quantize` + :func:`~attnkit.cache.quant.pack`.
+
+They are built with the system's C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into
+``$ATTNKIT_CACHE/kernels`` (default ``~/.cache/attnkit/kernels``) the first time they are
+needed, keyed by a hash of the source, flags and CPU, and loaded with ctypes: no Python
+headers, no build of torch extensions.  Where no compiler works, or with
+``ATTNKIT_KERNELS=0``, :func:`available` is False and the cache keeps its PyTorch path
+(:mod:`attnkit.cache.quant`); :func:`status` says which.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -420,7 +427,7 @@ class _PlanArgs(ctypes.Structure):
 
 
 _FLAGS = (["-O3", "-march=native"], ["-O3"])  # the first that compiles
-_LIB = None  # the C function attnkit_dq_matmul, once built
+_LIB: SimpleNamespace | None = None  # the C entry points, once built
 _STATUS: str | None = None  # None: not tried yet
 
 
@@ -428,7 +435,7 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
-def _build() -> tuple[ctypes.CDLL | None, str]:
+def _build() -> tuple[SimpleNamespace | None, str]:
     if os.environ.get("ATTNKIT_KERNELS", "1") == "0":
         return None, "disabled by ATTNKIT_KERNELS=0"
     cc = _compiler()
@@ -458,34 +465,29 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as e:
             errors.append(f"{cc} {' '.join(flags)}: {e}")
             continue
-        fn = dll.attnkit_dq_matmul
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.POINTER(_Args)]
-        fn.rowdot = dll.attnkit_dq_rowdot
-        fn.rowdot.restype = ctypes.c_int
-        fn.rowdot.argtypes = [ctypes.POINTER(_RowArgs)]
-        fn.plan = dll.attnkit_plan_scores
-        fn.plan.restype = ctypes.c_int
-        fn.plan.argtypes = [ctypes.POINTER(_PlanArgs)]
-        fn.quantize = dll.attnkit_quantize_rows
-        fn.quantize.restype = None
-        fn.quantize.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
-        return fn, f"built with {cc} {' '.join(flags)}: {lib}"
+        fns = SimpleNamespace(matmul=dll.attnkit_dq_matmul, rowdot=dll.attnkit_dq_rowdot,
+                              plan=dll.attnkit_plan_scores, quantize=dll.attnkit_quantize_rows)
+        for f, args in ((fns.matmul, _Args), (fns.rowdot, _RowArgs), (fns.plan, _PlanArgs)):
+            f.restype, f.argtypes = ctypes.c_int, [ctypes.POINTER(args)]
+        fns.quantize.restype = None
+        fns.quantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+        return fns, f"built with {cc} {' '.join(flags)}: {lib}"
     return None, "the C kernel did not build: " + "; ".join(errors)
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags (Linux), for the build's key: -march=native
+    code must not be reused on another CPU sharing the cache folder."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return ""
+        return ""
+    return "\n".join(next((line for line in lines if line.startswith(k)), "") for k in ("model name", "flags"))
 
 
-def _lib():
-    """The C entry point attnkit_dq_matmul, or None."""
+def _lib() -> SimpleNamespace | None:
+    """The C entry points (matmul, rowdot, plan, quantize), built on the first call; None
+    where they cannot be."""
     global _LIB, _STATUS
     if _STATUS is None:
         _LIB, _STATUS = _build()
@@ -544,7 +546,7 @@ def dq_matmul(a: Tensor, packed: Tensor, bits: int, scale: Tensor | None = None,
     args = _Args(a.data_ptr(), a_s[0], a_s[1], a.stride(-2), packed.data_ptr(),
                  0 if sc is None else sc.data_ptr(), 0 if lo is None else lo.data_ptr(),
                  out.data_ptr(), o_s[0], o_s[1], out.stride(-2), n, a_s[2], m, k, start, w, bits)
-    if out.stride(-1) != 1 or out.dtype != torch.float32 or _lib()(ctypes.byref(args)):
+    if out.stride(-1) != 1 or out.dtype != torch.float32 or _lib().matmul(ctypes.byref(args)):
         raise ValueError(f"dq_matmul: unsupported operands: rows of {c} codes (supported {CODES_PER_ROW}), out "
                          f"{out.dtype} with strides {out.stride()}")
     return out
