@@ -140,6 +140,9 @@ def code_matmul(a: Tensor, packed: Tensor, bits: int) -> Tensor:
     decode block with its product (3 x 16 x 64 x 32 bytes at 4 bits, x 16 at 2): 56 us
     against 85 us + product for :func:`unpack_bytes`' int32 words and stack at 4 bits; 71
     us against 95 us at 2 bits (value blocks: 66-81 against 115-125 us).
+
+    Where :func:`fused` holds (few fp32 rows on the CPU, the C kernel built) the product
+    is :func:`attnkit.cache.native.code_matmul` instead: no code converted in memory.
     """
     per = _check_bits(bits)
     if fused(a, packed, bits):
