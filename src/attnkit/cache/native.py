@@ -71,6 +71,17 @@ static inline v16i load16(const uint8_t *p) {
 }
 #endif
 
+/* A row of W bytes (W % 16 == 0) in attnkit.cache.quant.pack's planar layout (slot s of
+   byte j is code s*W + j) -> its W*8/bits codes in code order, as W*8/bits/16 vectors.
+   Inlined with constant w and bits in the kernels below, so the loops unroll. */
+static inline void unpack_row(const uint8_t *row, int64_t w, int bits, v16f *c) {
+    const v16i mask = (v16i){} + ((1 << bits) - 1);
+    for (int64_t q = 0; q < w / 16; q++) {
+        const v16i b = load16(row + 16 * q);
+        for (int s = 0; s < 8 / bits; s++) c[(s * w) / 16 + q] = __builtin_convertvector((b >> (s * bits)) & mask, v16f);
+    }
+}
+
 /* fp16 <-> fp32 in integer arithmetic (IEEE binary16, round to nearest even), so that the
    results match torch's conversions bit for bit on any compiler. */
 static inline float h2f(uint16_t h) {
@@ -145,8 +156,7 @@ typedef struct {
    rows of other heads). */
 #define KERNEL(BITS, NV, MB)                                                                    \
 static void kernel_##BITS##_##NV(const dq_args *p) {                                            \
-    enum { W = NV * 2 * BITS, PER = 8 / BITS };                                                 \
-    const v16i mask = (v16i){} + ((1 << BITS) - 1);                                             \
+    enum { W = NV * 2 * BITS };                                                                 \
     const int64_t m_ = p->m, k_ = p->k;                                                         \
     for (int64_t n = 0; n < p->n; n++) {                                                        \
         const uint8_t *cn = p->codes + n * k_ * W;                                              \
@@ -172,11 +182,7 @@ static void kernel_##BITS##_##NV(const dq_args *p) {                            
                 for (int i = 0; i < MB; i++) { lsum[i] += x[i] * z; x[i] *= s; }                \
                 const uint8_t *row = cn + k * W;                                                \
                 v16f c[NV];                                                                     \
-                for (int q = 0; q < W / 16; q++) {                                              \
-                    v16i b = load16(row + 16 * q);                                              \
-                    for (int s = 0; s < PER; s++)                                               \
-                        c[(s * W) / 16 + q] = __builtin_convertvector((b >> (s * BITS)) & mask, v16f); \
-                }                                                                               \
+                unpack_row(row, W, BITS, c);                                                    \
                 for (int i = 0; i < MB; i++)                                                    \
                     for (int v = 0; v < NV; v++) acc[i][v] += x[i] * c[v];                      \
             }                                                                                   \
@@ -211,10 +217,9 @@ typedef struct {
 } rowdot_args;
 
 int attnkit_dq_rowdot(const rowdot_args *a) {
-    const int bits = (int)a->bits, per = 8 / bits;
-    const int64_t w = a->w, c_ = w * per, nv = c_ / 16, jn = a->j;
+    const int bits = (int)a->bits;
+    const int64_t w = a->w, c_ = w * (8 / bits), nv = c_ / 16, jn = a->j;
     if (c_ % 16 || nv > 16 || w % 16 || w < 16) return -1;
-    const v16i mask = (v16i){} + ((1 << bits) - 1);
     memset(a->out, 0, (size_t)(a->n * a->m * jn) * sizeof(float));
     for (int64_t n = 0; n < a->n; n++) {
         const float *pn = a->p + (n / a->div) * a->p_s0 + (n % a->div) * a->p_s1;
@@ -223,11 +228,7 @@ int attnkit_dq_rowdot(const rowdot_args *a) {
                 const int64_t r = (n * a->ng + g) * jn + j;
                 const uint8_t *row = a->codes + r * w;
                 v16f c[16];
-                for (int64_t q = 0; q < w / 16; q++) {
-                    v16i b = load16(row + 16 * q);
-                    for (int s = 0; s < per; s++)
-                        c[(s * w) / 16 + q] = __builtin_convertvector((b >> (s * bits)) & mask, v16f);
-                }
+                unpack_row(row, w, bits, c);
                 const float sc = h2f(a->scale[r]), z = h2f(a->low[r]);
                 const int64_t first = a->t0 > g * c_ ? a->t0 - g * c_ : 0;  /* positions before t0 left out */
                 if (first >= c_) continue;
@@ -277,8 +278,7 @@ typedef struct {
 
 #define PLAN_KERNEL(BITS, NV)                                                                   \
 static void plan_##BITS##_##NV(const plan_args *p) {                                            \
-    enum { W = NV * 2 * BITS, PER = 8 / BITS, MB = 4 };                                         \
-    const v16i mask = (v16i){} + ((1 << BITS) - 1);                                             \
+    enum { W = NV * 2 * BITS, MB = 4 };                                                         \
     const int64_t m_ = p->m, d_ = p->d;                                                         \
     for (int64_t b = 0; b < p->b; b++)                                                          \
     for (int64_t g = 0; g < p->ng; g++) {                                                       \
@@ -314,11 +314,7 @@ static void plan_##BITS##_##NV(const plan_args *p) {                            
                     for (int i = 0; i < MB; i++) { lsum[i] += qm[i][c] * lo; x[i] = qm[i][c] * s; } \
                     const uint8_t *row = cg + kk * W;                                           \
                     v16f cv[NV];                                                                \
-                    for (int q = 0; q < W / 16; q++) {                                          \
-                        v16i bb = load16(row + 16 * q);                                         \
-                        for (int t = 0; t < PER; t++)                                           \
-                            cv[(t * W) / 16 + q] = __builtin_convertvector((bb >> (t * BITS)) & mask, v16f); \
-                    }                                                                           \
+                    unpack_row(row, W, BITS, cv);                                               \
                     for (int i = 0; i < MB; i++)                                                \
                         for (int v = 0; v < NV; v++) acc[i][v] += x[i] * cv[v];                 \
                 }                                                                               \
