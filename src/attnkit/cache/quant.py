@@ -167,9 +167,15 @@ def fused(a: Tensor, packed: Tensor, bits: int) -> bool:
     """Whether :func:`code_matmul` takes the compiled kernel (:mod:`attnkit.cache.native`)
     for these operands: fp32 rows on the CPU, at most FUSED_MAX_ROWS of them, no autograd,
     rows of 64, 128 or 256 codes, and the kernel built."""
-    return (a.dtype == torch.float32 and a.device.type == "cpu" and packed.device.type == "cpu"
-            and a.shape[-2] <= FUSED_MAX_ROWS and packed.shape[-1] * (8 // bits) in native.CODES_PER_ROW
-            and not (a.requires_grad and torch.is_grad_enabled()) and native.available())
+    return (packed.device.type == "cpu" and a.shape[-2] <= FUSED_MAX_ROWS
+            and packed.shape[-1] * (8 // bits) in native.CODES_PER_ROW and _kernel_takes(a))
+
+
+def _kernel_takes(x: Tensor) -> bool:
+    """What every C kernel needs of its float operand: fp32 on the CPU, no autograd, and
+    the kernels built."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
+            and native.available())
 
 
 def _round_down_fp16(x: Tensor) -> Tensor:
@@ -241,8 +247,7 @@ def quantize_packed(x: Tensor, bits: int, scale: str = "minmax") -> tuple[Tensor
     """``pack(codes, bits), scale, low`` of :func:`quantize`, in one pass of the C kernel for
     min-max groups of fp32 on the CPU (bit for bit the same codes, scales and lows;
     :func:`attnkit.cache.native.quantize_rows`), else through :func:`quantize` and :func:`pack`."""
-    if (scale == "minmax" and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1]
-            and not (x.requires_grad and torch.is_grad_enabled()) and native.available()):
+    if scale == "minmax" and x.shape[-1] and _kernel_takes(x):
         return native.quantize_rows(x, bits)
     codes, s, low = quantize(x, bits, scale)
     return pack(codes, bits), s, low

@@ -140,10 +140,11 @@ class QuantizedSnapshot(Snapshot):
         return (self.vs.shape[-1] == 1 and self.group in CODES_PER_ROW and rows <= FUSED_MAX_ROWS
                 and fused(qs, self.vc[:, :, :0, 0], self.bits))
 
-    def _new_scores(self, qs: Tensor, k: Tensor, is_causal: bool) -> Tensor:
-        """Scores against the full-precision tail k (its last N keys are the new tokens)."""
+    def _new_scores(self, qs: Tensor, k: Tensor, is_causal: bool, out: Tensor | None = None) -> Tensor:
+        """Scores against the full-precision tail k (its last N keys are the new tokens),
+        into ``out`` (a view of a wider score tensor) when given."""
         n = self.k_new.shape[-2]
-        scores = torch.matmul(qs, k.transpose(-1, -2))  # (B, H, G·N, L)
+        scores = torch.matmul(qs, k.transpose(-1, -2), out=out)  # (B, H, G·N, L)
         if is_causal and n > 1:
             new = scores[..., -n:]
             new.masked_fill_(~new_token_keep(n, qs.shape[-2] // n, qs.device), float("-inf"))
@@ -205,10 +206,7 @@ class QuantizedSnapshot(Snapshot):
             self._packed_scores(qs, scores[..., a0 : a0 + ng * g], fast)
         if off:  # after the packed groups: the sinks' places at their front are the sinks' scores
             torch.matmul(qs, self.sk.float().transpose(-1, -2), out=scores[..., :off])
-        torch.matmul(qs, k.transpose(-1, -2), out=scores[..., k_at:])
-        n = self.k_new.shape[-2]
-        if is_causal and n > 1:
-            scores[..., -n:].masked_fill_(~new_token_keep(n, m // n, qs.device), float("-inf"))
+        self._new_scores(qs, k, is_causal, out=scores[..., k_at:])
         if keep is not None:
             scores.masked_fill_(~keep, float("-inf"))
         mx = scores.amax(dim=-1, keepdim=True)
