@@ -133,6 +133,23 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
                                          "other_load": 0.2}]}
 
 
+def test_cheap_cases_get_more_processes_up_to_max_rounds_within_round_time():
+    # Every case's timing takes far less than a second: all get max_rounds processes
+    # with a generous round_time, exactly `rounds` with round_time 0.
+    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=2, max_rounds=4, round_time=60.0))
+    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [4, 4]
+    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=2, max_rounds=4, round_time=0.0))
+    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [2, 2]
+    # round_time is a bound on the timing seconds of the processes together: one slower
+    # call (its own minimum run time) stops after the rounds it must have
+    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=1, max_rounds=6, round_time=0.25, min_run_time=0.1))
+    for r in res["cases"]:
+        walls = [x["wall_s"] for x in r["time"]["rounds"]]
+        assert 1 <= len(walls) < 6
+        for k in range(1, len(walls)):  # the process k+1 was started only while it fitted
+            assert sum(walls[:k]) * (1 + 1 / k) <= 0.25
+
+
 def test_cases_over_the_time_budget_are_skipped_with_the_projection():
     res = run_sweep(_tiny(time_budget_s=1e-12))
     rows = res["cases"]

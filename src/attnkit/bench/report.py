@@ -112,14 +112,27 @@ def _fit(report, label, dtype, mode, what):
     return None
 
 
-def _timed(report: dict) -> int:
-    return sum(1 for r in report["cases"] if r.get("time", {}).get("process") == "fresh")
+def _processes(report: dict) -> list[int]:
+    """Fresh processes each case timed in a fresh process got, one entry per case."""
+    return [len(r["time"].get("rounds", [])) for r in report["cases"] if r.get("time", {}).get("process") == "fresh"]
 
 
-def _full_rounds(report: dict) -> int:
-    want = report["config"].get("rounds", 1)
-    return sum(1 for r in report["cases"] if len(r.get("time", {}).get("rounds", [])) >= want
-               and r["time"].get("process") == "fresh")
+def _rounds_text(report: dict) -> str:
+    c = report["config"]
+    least, most = c.get("rounds", 1), max(c.get("rounds", 1), c.get("max_rounds") or 0)
+    if most <= 1:
+        return ""
+    got = _processes(report)
+    text = (f" in each of {least} fresh processes"
+            + (f" (up to {most} for a case whose processes took under {c.get('round_time', 0):g} s of timing in all: "
+               "a cheap call varies more between processes than within one)" if most > least else "")
+            + ", pooled as the lowest of the processes' medians (± their range; interference only slows a process "
+            "down), the later rounds in passes over the cases, cheapest first, within the run budget: "
+            f"{sum(g >= least for g in got)} of {len(got)} cases got at least {least}")
+    if most > least and got:
+        text += ", " + ", ".join(f"{sum(g == k for g in got)} got {k}" for k in range(least + 1, most + 1)
+                                 if any(g == k for g in got))
+    return text
 
 
 def render_markdown(report: dict) -> str:
@@ -142,11 +155,7 @@ def render_markdown(report: dict) -> str:
         "that faulted pages in is re-taken (kept in results.json as `faulted_blocks`), since it timed the kernel "
         "handing the process memory; median ± "
         f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s)"
-        + (f" in each of {c['rounds']} fresh processes, pooled as the lowest of the processes' medians (± their "
-           f"range; interference only slows a process down), the later rounds cheapest case first within the run "
-           f"budget: "
-           f"{_full_rounds(report)} of {_timed(report)} cases got all {c['rounds']}"
-           if c.get("rounds", 1) > 1 else "") + "; "
+        + _rounds_text(report) + "; "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."

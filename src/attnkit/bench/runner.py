@@ -66,6 +66,11 @@ class Config:
         run_budget_s: skip what would not finish within this many seconds of the start.
         accuracy_max_n / prob_max_n / flop_check_max_n: the largest N at which errors,
             implied-probability errors and counted FLOPs are measured.
+        rounds: fresh processes each case is timed in, pooled by the lowest of their
+            medians (:func:`pool_rounds`).
+        max_rounds / round_time: a case whose ``rounds`` processes took less than
+            ``round_time`` seconds of timing in all gets more, up to ``max_rounds``
+            (:func:`_more_rounds`).
     """
 
     methods: list[str]
@@ -94,6 +99,8 @@ class Config:
     verbose: bool = False
     memory_context: str = "forkserver"
     rounds: int = 1
+    max_rounds: int | None = None
+    round_time: float = 0.0
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -247,8 +254,12 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config, peak: int |
     """One case in a fresh process of its own: first its peak memory (the first call, from
     the clean state; when ``cfg.memory``), then its time (:func:`timed_quietly`, after its
     own warm-up), with the parent's thread count and the steady allocator.  Before timing,
-    twice the call's peak (measured here, or ``peak`` from an earlier round) is touched
-    once (:func:`reserve_heap`), so that the timed calls do not fault pages in."""
+    the call's peak (measured here, or ``peak`` from an earlier round) is touched once
+    (:func:`reserve_heap`), so that the timed calls do not fault pages in; the warm-up's
+    settling calls take up what more the allocator needs.  Not twice the peak: touching
+    fresh memory costs ~2 s per GiB on this project's VM (the host backs the guest's pages
+    on first touch), and with twice the peak math SDPA's forward+backward at N=4096 fp32
+    took 52 s to time instead of 21 s (3 blocks either way; with no reserve, 28 s)."""
     steady_allocator()
     torch.set_num_threads(threads)
     fn = make_call(case, seed)
@@ -258,31 +269,47 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config, peak: int |
         peak = out["memory"].get("peak_bytes") or peak
     if cfg.timing:
         start = time.monotonic()
-        reserved = reserve_heap(2 * peak) if peak and case.device == "cpu" else 0
+        reserved = reserve_heap(peak) if peak and case.device == "cpu" else 0
         out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start, "reserved_bytes": reserved}
     return out
 
 
 def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
-    """Time every case measured in a fresh process ``cfg.rounds - 1`` more times, each in
-    another fresh process, cheapest first (by its first round's wall time, so that the run
-    budget gives the most cases every round; the order differs from the first round's,
-    so a slow spell of the machine does not land on the same cases twice), and pool each
-    case's rounds (:func:`pool_rounds`).  The first round measures every case; the later
-    ones take what is left of the run budget, and a case they do not reach keeps the
-    rounds it got (its ``rounds_skipped`` says so)."""
+    """Time the cases measured in a fresh process again, each time in another fresh
+    process, and pool each case's rounds (:func:`pool_rounds`).
+
+    Every case gets ``cfg.rounds`` processes in all; a case whose processes so far took
+    less than ``cfg.round_time`` seconds of timing together gets more, up to
+    ``cfg.max_rounds`` -- a cheap call's time varies more between processes than within
+    one (on this project's 2-core VM a 5-7 ms memory-bound kernel by 30-40% across eight
+    fresh processes, best to worst, where a 20 ms compute-bound one varied by 8%), and the
+    lowest of more processes is the steadier figure.  The rounds go in passes over all the
+    cases, each pass cheapest first (by the first round's timing wall time, so that the
+    run budget gives the most cases every round; the order differs from the first
+    round's, so a slow spell of the machine does not land on the same cases twice, and a
+    case's processes are spread over the run).  The first round measures every case; the
+    later ones take what is left of the run budget, and a case they do not reach keeps
+    the rounds it got (its ``rounds_skipped`` says so when it got fewer than
+    ``cfg.rounds``)."""
     todo = [(row, case) for row, case in zip(rows, cases)
             if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
     timing_only = replace(cfg, memory=False)
-    for r in range(1, cfg.rounds):
-        for row, case in sorted(todo, key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0)):
+    order = sorted(todo, key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0))
+    for r in range(1, max(cfg.rounds, cfg.max_rounds or 0)):
+        for row, case in order:
+            done = row["time"]["rounds"]
+            spent = sum(x.get("wall_s", 0.0) for x in done)
+            each = spent / len(done)
+            if len(done) != r or (r >= cfg.rounds and spent + each > cfg.round_time):
+                continue
             left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
-            if left is not None and left < row["time"]["rounds"][0].get("wall_s", 0.0) + 1.0:
-                row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
+            if left is not None and left < each + 1.0:
+                if r < cfg.rounds:
+                    row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
                 continue
             got, why = _in_fresh_process(case, timing_only, mem_ctx, (row.get("memory") or {}).get("peak_bytes"))
             if why is None:
-                row["time"] = pool_rounds(row["time"]["rounds"] + [got["time"]])
+                row["time"] = pool_rounds(done + [got["time"]])
                 row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
 
 
@@ -422,7 +449,7 @@ def run_sweep(cfg: Config) -> dict:
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()
-    if cfg.rounds > 1 and cfg.timing:
+    if max(cfg.rounds, cfg.max_rounds or 0) > 1 and cfg.timing:
         _more_rounds(rows, cases, cfg, mem_ctx, started)
     return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}
 
