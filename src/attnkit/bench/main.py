@@ -38,8 +38,8 @@ PROFILES = {
     "repeats": (2, 3, 5),
     "min_run_time": (0.05, 0.05, 0.5),
     "rounds": (1, 2, 3),
-    "max_rounds": (1, 8, 3),
-    "round_time": (0.0, 1.5, 0.0),
+    "max_rounds": (1, 6, 3),
+    "round_time": (0.0, 1.0, 0.0),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -88,8 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the lowest of their "
                    "medians (default 2; --quick 1; --full 3)")
     g.add_argument("--max-rounds", type=int, help="more processes, up to this many, for a case whose processes took "
-                   "less than --round-time s of timing in all (default 8; --quick 1; --full 3)")
-    g.add_argument("--round-time", type=float, help="see --max-rounds (default 1.5; --quick and --full 0)")
+                   "less than --round-time s of timing in all (default 6; --quick 1; --full 3)")
+    g.add_argument("--round-time", type=float, help="see --max-rounds (default 1.0; --quick and --full 0)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
