@@ -8,6 +8,8 @@ import importlib.util
 import mmap
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -152,11 +154,27 @@ def test_timing_that_never_settles_reports_every_block():
     assert t.page_faults is None
 
 
-def test_reserve_heap_touches_what_it_is_asked_for():
-    from attnkit.bench.timing import reserve_heap
-
-    assert reserve_heap(0) == 0
-    assert reserve_heap(8 * MiB) == 8 * MiB
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim and the steady allocator are glibc's")
+def test_release_heap_gives_back_what_the_steady_allocator_keeps():
+    # in a process of its own: the steady allocator is never undone
+    code = """
+import torch
+from attnkit.bench.timing import release_heap, steady_allocator
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
+steady_allocator()
+base = rss()
+x = torch.ones(256 * 2**20, dtype=torch.uint8)
+del x
+kept = rss() - base
+assert release_heap()
+print(kept, rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, after = map(int, out.stdout.split())
+    assert kept > 200 * MiB  # freed, but kept by the heap (no trimming)
+    assert after < 32 * MiB  # given back
 
 
 def test_forward_backward_closure_runs_backward_and_drops_grads():

@@ -46,7 +46,7 @@ from .cases import (
 from .flops import counted_flops
 from .memory import forkserver_context, peak_memory_here, run_fresh
 from .scaling import fit_exponent, project
-from .timing import reserve_heap, steady_allocator, timed_quietly
+from .timing import release_heap, steady_allocator, timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
 
@@ -244,33 +244,32 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
     return row
 
 
-def _in_fresh_process(case: Case, cfg: Config, mem_ctx, peak: int | None = None) -> tuple[dict | None, str | None]:
+def _in_fresh_process(case: Case, cfg: Config, mem_ctx) -> tuple[dict | None, str | None]:
     """:func:`_case_in_child` in a fresh process (:func:`run_fresh`): (result, None) or (None, why)."""
-    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, peak, context=mem_ctx,
+    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
                      timeout=300 + 30 * cfg.time_budget_s, quiet=True)
 
 
-def _case_in_child(case: Case, seed: int, threads: int, cfg: Config, peak: int | None = None) -> dict:
+def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     """One case in a fresh process of its own: first its peak memory (the first call, from
     the clean state; when ``cfg.memory``), then its time (:func:`timed_quietly`, after its
-    own warm-up), with the parent's thread count and the steady allocator.  Before timing,
-    twice the call's peak (measured here, or ``peak`` from an earlier round) is touched
-    once (:func:`reserve_heap`), so that the timed calls do not fault pages in.  Twice:
-    with once, the allocator's heap kept growing over the calls (the pieces of a call's
-    memory do not come back in the same order), the warm-up took more faulting calls, and
-    math SDPA's forward+backward at N=4096 fp32 grew one process to 13.8 GB until the
-    out-of-memory killer stopped it."""
+    own warm-up), with the parent's thread count and the steady allocator.  Nothing is
+    touched ahead of the calls: the warm-up's settling calls (:func:`time_callable`) run
+    until a call takes no page faults, and a slow call's block that faulted is re-taken.
+    (Touching twice the call's peak first, as this did before, cost more than it saved:
+    on this project's VM fresh memory costs 0.3-2.5 s per GiB -- the host backs the
+    guest's pages on first touch -- and glibc's heap still grew past it: math's
+    forward+backward at N=4096 fp32 reached 21 GB resident with the reserve, 17 GB
+    without, for a call whose peak is 4.5 GB.)"""
     steady_allocator()
     torch.set_num_threads(threads)
     fn = make_call(case, seed)
     out = {}
     if cfg.memory:
         out["memory"] = peak_memory_here(fn, device=case.device).as_dict()
-        peak = out["memory"].get("peak_bytes") or peak
     if cfg.timing:
         start = time.monotonic()
-        reserved = reserve_heap(2 * peak) if peak and case.device == "cpu" else 0
-        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start, "reserved_bytes": reserved}
+        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start}
     return out
 
 
@@ -278,46 +277,40 @@ def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, star
     """Time the cases measured in a fresh process again, each time in another fresh
     process, and pool each case's rounds (:func:`pool_rounds`).
 
-    Every case is due ``cfg.rounds`` processes in all; a *cheap* case -- one whose first
-    round's timing took at most ``cfg.round_time / cfg.rounds`` seconds -- gets more while
-    its processes so far took less than ``cfg.round_time`` seconds of timing together, up
-    to ``cfg.max_rounds``.  A cheap call's time varies more between processes than within
-    one: on this project's 2-core VM a 5-7 ms memory-bound kernel by 30-40% across eight
-    fresh processes (best to worst) where a 20 ms compute-bound one varied by 8%, and the
-    lowest of more processes is the steadier figure.
+    Every case is due ``cfg.rounds`` processes in all; a cheap case -- one whose
+    processes so far took less than ``cfg.round_time`` seconds of timing together, with
+    room for one more -- gets more, up to ``cfg.max_rounds``.  A cheap call's time varies
+    more between processes than within one: on this project's 2-core VM a 5-7 ms
+    memory-bound kernel by 30-40% across eight fresh processes (best to worst) where a
+    20 ms compute-bound one varied by 8%, and the lowest of more processes is the steadier
+    figure.
 
-    Order, within the run budget: first the cheap cases, in passes (each pass cheapest
-    first, so that a case's processes are spread over a minute or more of the run), then
-    the other cases' later rounds, cheapest first (by the first round's timing wall time,
-    so that the budget gives the most cases every round; the order differs from the first
-    round's, so a slow spell of the machine does not land on the same cases twice).  The
-    later rounds take what is left of the run budget; a case they do not reach keeps the
-    rounds it got (its ``rounds_skipped`` says so when it got fewer than ``cfg.rounds``)."""
+    The rounds go in passes over the cases, each pass cheapest first (by the first
+    round's timing wall time, so that the run budget gives the most cases every round;
+    the order differs from the first round's, so a slow spell of the machine does not land
+    on the same cases twice, and a case's processes are spread over the run).  The later
+    rounds take what is left of the run budget; a case they do not reach keeps the rounds
+    it got (its ``rounds_skipped`` says so when it got fewer than ``cfg.rounds``)."""
     todo = [(row, case) for row, case in zip(rows, cases)
             if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
-    timing_only = replace(cfg, memory=False)
     todo.sort(key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0))
-    most = max(cfg.rounds, cfg.max_rounds or 0)
-    cheap = [rc for rc in todo if most > cfg.rounds
-             and rc[0]["time"]["rounds"][0].get("wall_s", 0.0) * cfg.rounds <= cfg.round_time]
-    rest = [rc for rc in todo if not any(rc is c for c in cheap)]
-    for group, last in ((cheap, most), (rest, cfg.rounds)):
-        for r in range(1, last):
-            for row, case in group:
-                done = row["time"]["rounds"]
-                spent = sum(x.get("wall_s", 0.0) for x in done)
-                each = spent / len(done)
-                if len(done) != r or (r >= cfg.rounds and spent + each > cfg.round_time):
-                    continue
-                left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
-                if left is not None and left < each + 1.0:
-                    if r < cfg.rounds:
-                        row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
-                    continue
-                got, why = _in_fresh_process(case, timing_only, mem_ctx, (row.get("memory") or {}).get("peak_bytes"))
-                if why is None:
-                    row["time"] = pool_rounds(done + [got["time"]])
-                    row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
+    timing_only = replace(cfg, memory=False)
+    for r in range(1, max(cfg.rounds, cfg.max_rounds or 0)):
+        for row, case in todo:
+            done = row["time"]["rounds"]
+            spent = sum(x.get("wall_s", 0.0) for x in done)
+            each = spent / len(done)
+            if len(done) != r or (r >= cfg.rounds and spent + each > cfg.round_time):
+                continue
+            left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
+            if left is not None and left < each + 1.0:
+                if r < cfg.rounds:
+                    row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
+                continue
+            got, why = _in_fresh_process(case, timing_only, mem_ctx)
+            if why is None:
+                row["time"] = pool_rounds(done + [got["time"]])
+                row["tokens_per_s"] = case.preset.batch * case.n / row["time"]["median"]
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -453,6 +446,7 @@ def run_sweep(cfg: Config) -> dict:
                 acc_start = time.monotonic()
                 acc_rows.append(_accuracy_row(case, cfg, rows, refs))
                 acc_rows[-1]["wall_s"] = time.monotonic() - acc_start
+                release_heap()  # the float64 references' memory, kept by the steady allocator
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()

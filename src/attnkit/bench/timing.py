@@ -33,7 +33,7 @@ except ImportError:  # Windows
 
 __all__ = [
     "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
-    "steady_allocator", "reserve_heap",
+    "steady_allocator", "release_heap",
 ]
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -184,23 +184,25 @@ def pool(timings: list[Timing]) -> Timing:
     )
 
 
-def reserve_heap(nbytes: int) -> int:
-    """Touch ``nbytes`` of fresh heap once and free it, so that later calls find memory the
-    process already holds instead of faulting pages in while they are timed.
+def release_heap() -> bool:
+    """Give the memory glibc's heap holds free back to the system (``malloc_trim(0)``).
 
-    Only useful after :func:`steady_allocator` (which keeps the freed block in the heap);
-    capped at half the memory the system reports available.  Returns the bytes touched.
+    After :func:`steady_allocator` nothing is trimmed by itself; the sweep's own process
+    calls this after each accuracy measurement, whose float64 references take gigabytes at
+    N=4096, so that it does not hold them while the timing processes run (a timing process
+    of math attention's forward+backward at N=4096 grew to 17 GB, and one was stopped by
+    the out-of-memory killer while the sweep held 9.5 GB).  Returns False where there is
+    no ``malloc_trim`` (not glibc).
     """
+    import ctypes
+    import ctypes.util
+
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        avail = 0
-    nbytes = int(min(nbytes, avail // 2))
-    if nbytes > 0:
-        block = torch.empty(nbytes, dtype=torch.uint8)
-        block.fill_(0)
-        del block
-    return max(nbytes, 0)
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
 
 
 SETTLED_FAULTS = 256  # page faults (1 MiB of 4 KiB pages) a call may take and count as settled
