@@ -234,3 +234,12 @@ def test_cases_over_the_memory_budget_are_listed_as_skipped_with_the_projection(
     text = (tmp_path / "exact_cpu.md").read_text()
     assert "naive fwd_bwd N=1024: skipped: projected peak" in text
     assert all(t["met"] is None for t in report["targets"])  # nothing measured, nothing claimed
+
+
+def test_a_call_is_settled_by_few_faults_or_faults_that_cost_under_a_percent():
+    from attnkit.bench.timing import FAULT_S, SETTLED_FAULTS, settled
+
+    assert settled(SETTLED_FAULTS, 1e-4) and not settled(SETTLED_FAULTS + 1, 1e-4)
+    faults = 12_000  # torch SDPA forward+backward at N=4096 fp32, every call
+    assert settled(faults, 1.2 * (faults * FAULT_S / 0.01))
+    assert not settled(faults, 0.9 * (faults * FAULT_S / 0.01))

@@ -123,9 +123,10 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
         medians = sorted(r["median"] for r in t["rounds"])
         assert t["median"] == medians[0] and t["iqr"] == medians[2] - medians[0]
         assert len(t["times"]) == sum(len(r["times"]) for r in t["rounds"])
+        assert t["best"] == min(t["times"]) and row["tokens_per_s"] == 32 / t["best"]
     assert pool_rounds([{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1, "other_load": 0.0},
                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1, "other_load": 0.2}]
-                       ) == {"median": 1.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
+                       ) == {"best": 1.0, "median": 1.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
                              "other_load": 0.2, "page_faults": None, "process": "fresh",
                              "rounds": [{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1,
                                          "other_load": 0.0},

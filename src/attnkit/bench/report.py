@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .timing import LOADED
+from .timing import LOADED, case_time
 
 __all__ = ["SUMMARY_NS", "compare", "render_markdown", "seed_summary", "find"]
 
@@ -21,7 +21,7 @@ def find(report: dict, label: str, n: int, dtype: str, mode: str) -> dict | None
 
 
 def _time(r):
-    return (r or {}).get("time", {}).get("median")
+    return case_time((r or {}).get("time"))
 
 
 def _mem(r):
@@ -36,9 +36,11 @@ def fmt_time(t: dict | None) -> str:
     if not t:
         return "-"
     med, iqr = t["median"], t["iqr"]
-    unit, f = ("s", 1.0) if med >= 1 else ("ms", 1e3)
+    unit, f = ("s", 1.0) if case_time(t) >= 1 else ("ms", 1e3)
     loaded = " †" if (t.get("other_load") or 0) > LOADED else ""
     spread = f"{iqr * f:.0f}" if iqr * f >= 10 else f"{iqr * f:.2g}"
+    if "best" in t:
+        return f"{t['best'] * f:.3g} {unit} (median {med * f:.3g} ± {spread}){loaded}"
     return f"{med * f:.3g} ± {spread} {unit}{loaded}"
 
 
@@ -126,8 +128,7 @@ def _rounds_text(report: dict) -> str:
     text = (f" in each of {least} fresh processes"
             + (f" (up to {most} for a case whose processes took under {c.get('round_time', 0):g} s of timing in all: "
                "a cheap call varies more between processes than within one)" if most > least else "")
-            + ", pooled as the lowest of the processes' medians (± their range; interference only slows a process "
-            "down), the later rounds in passes over the cases, cheapest first, within the run budget: "
+            + ", the later rounds in passes over the cases, cheapest first, within the run budget: "
             f"{sum(g >= least for g in got)} of {len(got)} cases got at least {least}")
     if most > least and got:
         text += ", " + ", ".join(f"{sum(g == k for g in got)} got {k}" for k in range(least + 1, most + 1)
@@ -151,11 +152,14 @@ def render_markdown(report: dict) -> str:
         f"no mask. Dtypes: {', '.join(c['dtypes'])}. Methods: {', '.join(c['methods'])}.", "",
         "## How it is measured", "",
         f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s), more until "
-        "a call takes no page faults (at most 8 more); calls slower than 50 ms are timed one per block and a block "
-        "that faulted pages in is re-taken (kept in results.json as `faulted_blocks`), since it timed the kernel "
-        "handing the process memory; median ± "
-        f"interquartile range of about {c['repeats']} blocks (more for fast calls, at least {c['min_run_time']} s)"
-        + _rounds_text(report) + "; "
+        "a call takes (next to) no page faults (at most 8 more); calls slower than 50 ms are timed one per block and "
+        "a block that faulted pages in is re-taken (kept in results.json as `faulted_blocks`), since it timed the "
+        f"kernel handing the process memory; about {c['repeats']} blocks (more for fast calls, at least "
+        f"{c['min_run_time']} s)"
+        + _rounds_text(report) + ". The time shown is the fastest block of any process (a block is one call, or "
+        "the mean of a few fast calls): interference only slows a call down, and on a shared machine it comes and "
+        "goes within a second; beside it, the lowest of the processes' median ± their range (one process: "
+        "median ± interquartile range). Ratios and --compare use the fastest block; "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."

@@ -33,7 +33,7 @@ except ImportError:  # Windows
 
 __all__ = [
     "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
-    "steady_allocator", "release_heap",
+    "steady_allocator", "release_heap", "case_time",
 ]
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -95,7 +95,7 @@ def time_callable(
         num_threads: torch intra-op threads while timing (default: the current setting).
         label: a name for the measurement (shown by torch's ``Measurement``).
         settle: after the warm-up, call ``fn`` up to this many more times until a call
-            takes no more than :data:`SETTLED_FAULTS` page faults (Linux/macOS; elsewhere
+            is :func:`settled` (Linux/macOS; elsewhere
             nothing is known and no call is added).  A call that needs memory the process
             does not hold yet pays a page fault per 4 KiB page (on this project's VM ~6 us
             each, host faults included: math SDPA forward+backward at N=4096 took 3-9 s
@@ -114,7 +114,7 @@ def time_callable(
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_callable: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     estimate, calls, faulted = 0.0, 0, None
-    while calls < warmup or (calls < warmup + settle and faulted is not None and faulted > SETTLED_FAULTS):
+    while calls < warmup or (calls < warmup + settle and faulted is not None and not settled(faulted, estimate)):
         f0 = _minor_faults()
         start = time.perf_counter()
         fn()
@@ -137,7 +137,7 @@ def time_callable(
                 f0, start = _minor_faults(), device_timer()  # device_timer synchronises an accelerator
                 fn()
                 t, f = device_timer() - start, _minor_faults() - f0
-                if f <= SETTLED_FAULTS:
+                if settled(f, t):
                     times.append(t)
                     faults += f
                 else:
@@ -184,6 +184,15 @@ def pool(timings: list[Timing]) -> Timing:
     )
 
 
+def case_time(t: dict | None) -> float | None:
+    """The time a sweep reports for one case's timing dict: its ``best`` (the fastest
+    block, see :func:`attnkit.bench.runner.pool_rounds`) where it has one, else its
+    median (results written before there was a ``best``; the other benchmarks)."""
+    if not t:
+        return None
+    return t.get("best", t.get("median"))
+
+
 def release_heap() -> bool:
     """Give the memory glibc's heap holds free back to the system (``malloc_trim(0)``).
 
@@ -206,6 +215,16 @@ def release_heap() -> bool:
 
 
 SETTLED_FAULTS = 256  # page faults (1 MiB of 4 KiB pages) a call may take and count as settled
+FAULT_S = 2e-6  # what a minor page fault costs on this project's VM, measured: 147,892 faults added 0.23 s
+
+
+def settled(faults: int, call_s: float) -> bool:
+    """A call counts as settled (its time is the call's, not the kernel's handing it
+    memory) when it took at most :data:`SETTLED_FAULTS` page faults, or when its faults
+    cost at most 1% of its time at :data:`FAULT_S` each: torch SDPA's forward+backward at
+    N=4096 takes 3,000-12,000 faults on every call (gradients that glibc places afresh),
+    about 1% of its 1.2 s, and waiting for 256 cost up to 8 more warm-up calls."""
+    return faults <= SETTLED_FAULTS or faults * FAULT_S <= 0.01 * call_s
 SLOW_CALL_S = 0.05  # calls at least this slow are timed one per block, faulting blocks re-taken
 
 
