@@ -14,6 +14,7 @@ gradients are dropped afterwards so that every call allocates them afresh.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -204,11 +205,9 @@ def release_heap() -> bool:
     no ``malloc_trim`` (not glibc).
     """
     import ctypes
-    import ctypes.util
 
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
         return False
     trim(ctypes.c_size_t(0))
     return True
@@ -225,6 +224,8 @@ def settled(faults: int, call_s: float) -> bool:
     N=4096 takes 3,000-12,000 faults on every call (gradients that glibc places afresh),
     about 1% of its 1.2 s, and waiting for 256 cost up to 8 more warm-up calls."""
     return faults <= SETTLED_FAULTS or faults * FAULT_S <= 0.01 * call_s
+
+
 SLOW_CALL_S = 0.05  # calls at least this slow are timed one per block, faulting blocks re-taken
 
 
@@ -313,6 +314,18 @@ def forward_backward_closure(
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library, loaded once (``find_library`` runs ``ldconfig``), or None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def steady_allocator() -> str:
     """Make large CPU allocations reuse freed memory, so that timings do not depend on history.
 
@@ -336,18 +349,12 @@ def steady_allocator() -> str:
 
     Returns a line for the report: what was set, or why nothing could be (not glibc).
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return "default allocator (mallopt is not available: not glibc)"
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)):
         return "default allocator (mallopt refused the settings)"
-    return "glibc malloc with mmap off and no trimming (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=SIZE_MAX); each case warmed up until a call takes no page faults"
+    return "glibc malloc with mmap off and no trimming (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=SIZE_MAX); each case warmed up until a call takes (next to) no page faults"
 
 
 LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked †
