@@ -121,7 +121,8 @@ def _processes(report: dict) -> list[int]:
 
 def _rounds_text(report: dict) -> str:
     c = report["config"]
-    least, most = c.get("rounds", 1), max(c.get("rounds", 1), c.get("max_rounds") or 0)
+    least = c.get("rounds", 1)
+    most = c.get("max_rounds") or least  # results written before there was a max_rounds
     if most <= 1:
         return ""
     got = _processes(report)

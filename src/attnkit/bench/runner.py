@@ -70,7 +70,7 @@ class Config:
             medians (:func:`pool_rounds`).
         max_rounds / round_time: a case whose ``rounds`` processes took less than
             ``round_time`` seconds of timing in all gets more, up to ``max_rounds``
-            (:func:`_more_rounds`).
+            (:func:`_more_rounds`; None or fewer than ``rounds`` means ``rounds``).
     """
 
     methods: list[str]
@@ -103,6 +103,9 @@ class Config:
     round_time: float = 0.0
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.max_rounds = max(self.rounds, self.max_rounds or 0)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -296,7 +299,7 @@ def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, star
             if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
     todo.sort(key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0))
     timing_only = replace(cfg, memory=False)
-    for r in range(1, max(cfg.rounds, cfg.max_rounds or 0)):
+    for r in range(1, cfg.max_rounds):
         for row, case in todo:
             done = row["time"]["rounds"]
             spent = sum(x.get("wall_s", 0.0) for x in done)
@@ -455,7 +458,7 @@ def run_sweep(cfg: Config) -> dict:
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()
-    if max(cfg.rounds, cfg.max_rounds or 0) > 1 and cfg.timing:
+    if cfg.max_rounds > 1 and cfg.timing:
         _more_rounds(rows, cases, cfg, mem_ctx, started)
     return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}
 
