@@ -115,7 +115,7 @@ def _fit(report, label, dtype, mode, what):
 
 
 def _processes(report: dict) -> list[int]:
-    """Fresh processes each case timed in a fresh process got, one entry per case."""
+    """How many fresh processes timed each case that was timed in fresh processes."""
     return [len(r["time"].get("rounds", [])) for r in report["cases"] if r.get("time", {}).get("process") == "fresh"]
 
 
