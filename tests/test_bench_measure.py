@@ -113,7 +113,7 @@ def test_rss_fallback_sees_a_known_allocation():
 def test_timing_returns_positive_median_and_iqr():
     t = time_callable(lambda: torch.randn(256, 256) @ torch.randn(256, 256), warmup=1, repeats=3, min_run_time=0.05)
     assert t.median > 0 and t.iqr >= 0
-    assert len(t.times) >= 1 and t.number_per_block >= 1
+    assert len(t.times) >= 3 and t.number_per_block >= 1
     assert t.other_load is None or 0.0 <= t.other_load <= 1.0
 
 
@@ -142,7 +142,20 @@ def test_timing_settles_after_faulting_warmups_and_retakes_faulting_blocks():
     assert t.warmup == 3
     assert len(t.faulted_blocks) == 2 and len(t.times) == 3 and t.number_per_block == 1
     assert t.page_faults is not None and t.page_faults < 256
+    assert t.fresh_bytes is None if not sys.platform.startswith("linux") else t.fresh_bytes < MiB
     assert calls[0] == 3 + 5  # warm-up and settling, then 3 kept + 2 re-taken blocks
+
+
+def test_timing_takes_at_least_repeats_blocks_when_one_block_fills_the_run_time(monkeypatch):
+    from attnkit.bench import timing
+
+    class OneBlock(timing.Timer):  # as when the first block was disturbed for longer than min_run_time
+        def blocked_autorange(self, *args, **kwargs):
+            return self.timeit(1)
+
+    monkeypatch.setattr(timing, "Timer", OneBlock)
+    t = time_callable(lambda: time.sleep(0.001), warmup=1, repeats=3, min_run_time=0.05)
+    assert len(t.times) == 3 and t.number_per_block == 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="page faults are counted with resource")
@@ -175,6 +188,41 @@ print(kept, rss() - base)
     kept, after = map(int, out.stdout.split())
     assert kept > 200 * MiB  # freed, but kept by the heap (no trimming)
     assert after < 32 * MiB  # given back
+
+
+def _thp_mode() -> str | None:
+    try:
+        return open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_huge_pages_reach_a_process_started_after_it(enable, monkeypatch):
+    # the setting is an environment variable that torch reads at a process's first allocation,
+    # so it is checked where the sweep uses it: in a process started after the call
+    from attnkit.bench.timing import huge_pages
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "unset")  # restored after the test
+    line = huge_pages(enable)
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == ("1" if enable else "0")
+    code = """
+import torch
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+print(sum(int(l.split()[1]) for l in open('/proc/self/smaps') if l.startswith('AnonHugePages:')))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    mode = _thp_mode()
+    if not enable:
+        assert line.startswith("4 KiB pages (--no-huge-pages)")
+    elif mode in (None, "never"):
+        assert line.startswith("4 KiB pages (") and "huge pages" in line
+    else:
+        assert line.startswith("transparent huge pages for tensors of 2 MiB and more (THP_MEM_ALLOC_ENABLE=1")
+    if mode == "madvise":  # only torch's madvise asks for huge pages; "always" gives them regardless
+        assert out.returncode == 0, out.stderr
+        huge_kib = int(out.stdout)
+        assert (huge_kib > 0) if enable else (huge_kib == 0)  # any huge page at all: the madvise arrived
 
 
 def test_forward_backward_closure_runs_backward_and_drops_grads():
@@ -243,3 +291,13 @@ def test_a_call_is_settled_by_few_faults_or_faults_that_cost_under_a_percent():
     faults = 12_000  # torch SDPA forward+backward at N=4096 fp32, every call
     assert settled(faults, 1.2 * (faults * FAULT_S / 0.01))
     assert not settled(faults, 0.9 * (faults * FAULT_S / 0.01))
+
+
+def test_a_call_is_settled_only_if_its_fresh_memory_also_costs_under_a_percent():
+    from attnkit.bench.timing import FRESH_S_PER_GIB, SETTLED_BYTES, settled
+
+    assert settled(0, 1e-4, SETTLED_BYTES) and not settled(0, 1e-4, SETTLED_BYTES + 1)
+    fresh = 1500 * 2 * MiB  # 1,500 faults of 2 MiB huge pages: few faults, much memory
+    cost = fresh / 2**30 * FRESH_S_PER_GIB
+    assert settled(1500, 1.2 * cost / 0.01, fresh) and not settled(1500, 0.9 * cost / 0.01, fresh)
+    assert settled(1500, 3.3, None)  # where the resident set is unknown, the faults decide

@@ -22,7 +22,14 @@ from attnkit.bench.plots import pareto_front
 from attnkit.bench.report import compare, ratio_agreement, seed_summary
 from attnkit.bench.runner import Config, pool_rounds, run_stress, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent, project
+from attnkit.bench.timing import huge_pages
 from attnkit.core.reference import reference_attention
+
+
+@pytest.fixture(autouse=True)
+def _own_huge_pages_setting(monkeypatch):
+    """`attnkit bench` sets THP_MEM_ALLOC_ENABLE for the processes it starts; keep that to each test."""
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
 
 MiB = 2**20
 
@@ -127,7 +134,7 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
     assert pool_rounds([{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1, "other_load": 0.0},
                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1, "other_load": 0.2}]
                        ) == {"best": 1.0, "median": 1.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
-                             "other_load": 0.2, "page_faults": None, "process": "fresh",
+                             "other_load": 0.2, "page_faults": None, "fresh_bytes": None, "process": "fresh",
                              "rounds": [{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1,
                                          "other_load": 0.0},
                                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1,
@@ -255,6 +262,7 @@ def test_tiny_run_writes_report_json_and_plots(tmp_path, capsys):
         assert key in rep["machine"]
     if platform.libc_ver()[0] == "glibc":  # the timing process's allocator is pinned (steady_allocator)
         assert rep["machine"]["allocator"].startswith("glibc malloc with mmap off")
+    assert rep["machine"]["allocator"].endswith("; " + huge_pages(True))  # the default: huge pages where there are
     ok = [r for r in rep["cases"] if r["status"] == "ok"]
     assert len(ok) == 3 * 2 * 2 * 2  # 3 runnable methods x 2 N x 2 dtypes x 2 modes
     assert all(r["time"]["times"] and r["memory"]["peak_bytes"] > 0 for r in ok)  # raw samples, memory

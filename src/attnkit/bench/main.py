@@ -106,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--flop-check-max-n", type=int, help="largest N for the FlopCounterMode cross-check (default 1024)")
     g.add_argument("--no-accuracy", action="store_true", help="skip the error measurements")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    g.add_argument("--no-huge-pages", action="store_true", help="time with torch's default 4 KiB pages instead "
+                   "of transparent huge pages for large tensors (see attnkit.bench.timing.huge_pages)")
     g.add_argument("--compile", action="store_true", help="also time each method under torch.compile "
                    "(compile time reported separately)")
     g = p.add_argument_group("other modes")
@@ -182,7 +184,7 @@ def run(args, argv=None) -> tuple[dict, int]:
     from .machine import machine_info
     from .report import render_markdown, seed_summary
     from .runner import run_profile, run_stress, run_sweep
-    from .timing import steady_allocator
+    from .timing import huge_pages, steady_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,7 +203,9 @@ def run(args, argv=None) -> tuple[dict, int]:
     start = time.monotonic()
     report = {"machine": machine_info(cfg.device)}
     if cfg.device == "cpu" and cfg.timing:
-        report["machine"]["allocator"] = steady_allocator()
+        # before anything allocates or the forkserver starts: both read the setting once
+        pages = huge_pages(not args.no_huge_pages)
+        report["machine"]["allocator"] = f"{steady_allocator()}; {pages}"
     if args.stress:
         report["stress"] = run_stress(cfg, args.n)
     else:

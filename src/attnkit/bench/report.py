@@ -167,7 +167,7 @@ def render_markdown(report: dict) -> str:
         + " Each case is timed in a fresh process of its own, right after its memory is measured there (forked "
           "from the clean server; compiled cases in the sweep's process), so that no case's time depends on what "
           "ran before it."
-        + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator`)." if m.get("allocator") else ""),
+        + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator` and `huge_pages`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"
             if c["device"].startswith("cuda") else

@@ -337,7 +337,7 @@ def pool_rounds(rounds: list[dict]) -> dict:
     return {"best": min(times), "median": medians[0], "iqr": spread, "times": times,
             "number_per_block": max(r["number_per_block"] for r in rounds), "warmup": sum(r["warmup"] for r in rounds),
             "other_load": max(loads) if loads else None,
-            "page_faults": max((r["page_faults"] for r in rounds if r.get("page_faults") is not None), default=None),
+            **{k: max((r[k] for r in rounds if r.get(k) is not None), default=None) for k in ("page_faults", "fresh_bytes")},
             "process": "fresh", "rounds": rounds}
 
 

@@ -34,7 +34,7 @@ except ImportError:  # Windows
 
 __all__ = [
     "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
-    "steady_allocator", "release_heap", "case_time",
+    "steady_allocator", "huge_pages", "release_heap", "case_time",
 ]
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -54,6 +54,9 @@ class Timing:
         page_faults: minor page faults per call during the kept blocks (None where unknown,
             or where no block ran without faults); near 0 when the call reused memory the
             process already held.
+        fresh_bytes: growth of the resident set per call during the kept blocks (Linux;
+            None elsewhere, or where no block settled): memory the call took that the
+            process did not hold yet.
         faulted_blocks: per-call times of the blocks of a slow call that were re-taken
             because they faulted pages in (see ``settle`` in :func:`time_callable`).
         other_load: fraction of the machine's CPU capacity (all cores) that *other*
@@ -69,6 +72,7 @@ class Timing:
     other_load: float | None = None
     page_faults: float | None = None
     faulted_blocks: tuple[float, ...] = ()
+    fresh_bytes: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,21 +94,22 @@ def time_callable(
         fn: the zero-argument callable to time (e.g. from :func:`forward_closure`).
         warmup: calls made before measuring (first-call costs: allocator growth,
             kernel selection, lazy initialisation).
-        repeats: about how many measured blocks to collect for a slow callable; a fast
-            one gets as many as fit in ``min_run_time``.
+        repeats: the least number of measured blocks (about as many for a slow
+            callable; a fast one gets as many as fit in ``min_run_time``).
         min_run_time: least total measured time, in seconds.
         num_threads: torch intra-op threads while timing (default: the current setting).
         label: a name for the measurement (shown by torch's ``Measurement``).
         settle: after the warm-up, call ``fn`` up to this many more times until a call
-            is :func:`settled` (Linux/macOS; elsewhere
-            nothing is known and no call is added).  A call that needs memory the process
-            does not hold yet pays a page fault per 4 KiB page (on this project's VM ~6 us
-            each, host faults included: math SDPA forward+backward at N=4096 took 3-9 s
-            instead of 1.3 s while it faulted), and the allocator can take several calls
-            to reach the heap the call needs; timing before that measures the page faults.
-            Calls slower than :data:`SLOW_CALL_S` are then timed one per block, and a block
-            that faulted is re-taken, up to ``settle`` times (its time is kept in
-            ``faulted_blocks``; if fewer than 3 blocks ran clean, every block counts).
+            is :func:`settled` by its page faults and the growth of the resident set
+            (Linux/macOS; elsewhere nothing is known and no call is added).  A call that
+            needs memory the process does not hold yet pays for every page of it (on this
+            project's VM ~6 us per 4 KiB page, host faults included: math SDPA
+            forward+backward at N=4096 took 3-9 s instead of 1.3 s while it faulted), and
+            the allocator can take several calls to reach the heap the call needs; timing
+            before that measures the kernel.  Calls slower than :data:`SLOW_CALL_S` are
+            then timed one per block, and a block that did not settle is re-taken, up to
+            ``settle`` times (its time is kept in ``faulted_blocks``; if fewer than 3
+            blocks ran clean, every block counts).
 
     Returns:
         A :class:`Timing` with a positive median.
@@ -114,45 +119,50 @@ def time_callable(
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_callable: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    estimate, calls, faulted = 0.0, 0, None
-    while calls < warmup or (calls < warmup + settle and faulted is not None and not settled(faulted, estimate)):
-        f0 = _minor_faults()
+    estimate, calls, took = 0.0, 0, None
+    while calls < warmup or (calls < warmup + settle and took is not None and not settled(took[0], estimate, took[1])):
+        m0 = _marks()
         start = time.perf_counter()
         fn()
         estimate = time.perf_counter() - start
         calls += 1
-        f1 = _minor_faults()
-        faulted = None if f0 is None or f1 is None else f1 - f0
+        took = _took(m0, _marks())
     # blocked_autorange keeps measuring until min_run_time has passed; asking for a
     # little less than `repeats` calls' worth stops it after about `repeats` blocks of
     # a slow callable instead of after one.
     run_time = max(min_run_time, (repeats - 0.5) * estimate)
     threads = torch.get_num_threads() if num_threads is None else num_threads
     before = _cpu_snapshot()
-    if estimate >= SLOW_CALL_S and _minor_faults() is not None:
-        # one call per block; a block that faulted pages in is re-taken (up to `settle`
-        # times) -- it timed the kernel handing the process memory, not the call
-        times, faults, dropped = [], 0, []
+    if estimate >= SLOW_CALL_S and _marks() is not None:
+        # one call per block; a block that took fresh memory is re-taken (up to `settle`
+        # times) -- it timed the kernel (and the host) handing the process memory, not the call
+        times, kept, dropped = [], [], []
         with common.set_torch_threads(threads):
             while (len(times) < max(repeats, 3) or sum(times) < min_run_time) and len(dropped) <= settle:
-                f0, start = _minor_faults(), device_timer()  # device_timer synchronises an accelerator
+                m0, start = _marks(), device_timer()  # device_timer synchronises an accelerator
                 fn()
-                t, f = device_timer() - start, _minor_faults() - f0
-                if settled(f, t):
+                t, took = device_timer() - start, _took(m0, _marks())
+                if settled(took[0], t, took[1]):
                     times.append(t)
-                    faults += f
+                    kept.append(took)
                 else:
                     dropped.append(t)
+        number, per_call = 1, None
         if len(times) < 3:  # never settled: report what was measured, faults and all
-            times, faults = times + dropped, None
-        number, per_call = 1, None if faults is None else faults / len(times)
+            times = times + dropped
+        else:
+            fresh = [b for _, b in kept]
+            per_call = (sum(f for f, _ in kept) / len(kept), None if None in fresh else sum(fresh) / len(kept))
     else:
         timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=label)
-        f0 = _minor_faults()
+        m0 = _marks()
         m = timer.blocked_autorange(min_run_time=run_time)
-        f1 = _minor_faults()
         times, number, dropped = [float(t) for t in m.times], int(m.number_per_run), []
-        per_call = None if f0 is None or f1 is None else (f1 - f0) / max(1, len(times) * number)
+        while len(times) < repeats:  # one disturbed block can fill min_run_time on its own
+            times.append(float(timer.timeit(number).times[0]))
+        took = _took(m0, _marks())
+        n = len(times) * number
+        per_call = None if took is None else (took[0] / n, None if took[1] is None else took[1] / n)
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
     return Timing(
         median=float(median),
@@ -161,8 +171,9 @@ def time_callable(
         number_per_block=number,
         warmup=calls,
         other_load=_other_load(before, _cpu_snapshot()),
-        page_faults=per_call,
+        page_faults=None if per_call is None else per_call[0],
         faulted_blocks=tuple(dropped),
+        fresh_bytes=None if per_call is None else per_call[1],
     )
 
 
@@ -215,25 +226,52 @@ def release_heap() -> bool:
 
 SETTLED_FAULTS = 256  # page faults (1 MiB of 4 KiB pages) a call may take and count as settled
 FAULT_S = 2e-6  # what a minor page fault costs on this project's VM, measured: 147,892 faults added 0.23 s
+SETTLED_BYTES = 2**20  # fresh resident memory a call may take and count as settled
+FRESH_S_PER_GIB = 0.3  # what a GiB of fresh memory costs on this project's VM at the least (measured 0.3-2.5 s)
 
 
-def settled(faults: int, call_s: float) -> bool:
+def settled(faults: int, call_s: float, fresh_bytes: int | None = None) -> bool:
     """A call counts as settled (its time is the call's, not the kernel's handing it
-    memory) when it took at most :data:`SETTLED_FAULTS` page faults, or when its faults
-    cost at most 1% of its time at :data:`FAULT_S` each: torch SDPA's forward+backward at
-    N=4096 takes 3,000-12,000 faults on every call (gradients that glibc places afresh),
-    about 1% of its 1.2 s, and waiting for 256 cost up to 8 more warm-up calls."""
-    return faults <= SETTLED_FAULTS or faults * FAULT_S <= 0.01 * call_s
+    memory) when its page faults and the fresh memory it took each cost at most 1% of its
+    time, or were next to none.
+
+    Faults: at most :data:`SETTLED_FAULTS`, or :data:`FAULT_S` each.  torch SDPA's
+    forward+backward at N=4096 takes 3,000-12,000 faults on every call (gradients that
+    glibc places afresh), about 1% of its 1.2 s, and waiting for 256 cost up to 8 more
+    warm-up calls.  Fresh memory (growth of the resident set, where known): at most
+    :data:`SETTLED_BYTES`, or :data:`FRESH_S_PER_GIB`.  The fault count alone says
+    nothing under huge pages (:func:`huge_pages`): one fault hands over 2 MiB, and math's
+    forward at N=4096 bf16 took 3.3 s and 5.0 s for calls that ran 0.54 s once its heap
+    stopped growing, at 1,500 faults per call."""
+    ok_faults = faults <= SETTLED_FAULTS or faults * FAULT_S <= 0.01 * call_s
+    return ok_faults and (fresh_bytes is None or fresh_bytes <= SETTLED_BYTES
+                          or fresh_bytes / 2**30 * FRESH_S_PER_GIB <= 0.01 * call_s)
 
 
 SLOW_CALL_S = 0.05  # calls at least this slow are timed one per block, faulting blocks re-taken
 
 
-def _minor_faults() -> int | None:
-    """Minor page faults of this process so far (None where ``resource`` is unavailable)."""
+def _marks() -> tuple[int, int | None] | None:
+    """(minor page faults so far, resident bytes or None where there is no ``/proc``) of
+    this process; None where ``resource`` is unavailable."""
     if resource is None:
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    try:
+        with open("/proc/self/statm") as f:
+            return faults, int(f.read().split()[1]) * _PAGE
+    except OSError:
+        return faults, None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _took(m0, m1) -> tuple[int, int | None] | None:
+    """(page faults, fresh resident bytes) between two :func:`_marks`; None where unknown."""
+    if m0 is None or m1 is None:
+        return None
+    return m1[0] - m0[0], None if m0[1] is None or m1[1] is None else max(0, m1[1] - m0[1])
 
 
 def _cpu_snapshot() -> tuple[float, float, float] | None:
@@ -355,6 +393,41 @@ def steady_allocator() -> str:
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)):
         return "default allocator (mallopt refused the settings)"
     return "glibc malloc with mmap off and no trimming (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=SIZE_MAX); each case warmed up until a call takes (next to) no page faults"
+
+
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch's CPU allocator (c10 alloc_cpu), once per process
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages(enable: bool = True) -> str:
+    """Have torch's CPU allocator back its large allocations with transparent huge pages
+    in the processes started from now on (the timing processes), or not.
+
+    With ``THP_MEM_ALLOC_ENABLE=1`` in its environment, torch aligns every allocation of
+    2 MiB and more to 2 MiB and madvises it ``MADV_HUGEPAGE``; a process reads the
+    variable at its first allocation, so it must be set before the process allocates
+    anything (the sweep's forkserver is started after this).  Without it (torch's
+    default) the kernel gives such a tensor 4 KiB pages wherever they fall, and where
+    they fall decides how the call's working set meets the caches and the TLB.  Measured
+    on this project's 2-core VM, eight fresh processes each (bert-base shape, fastest of
+    six 0.05 s blocks): LowRank's forward at N=1024 bf16 took 7.7-9.7 ms with 4 KiB pages
+    and 7.1-7.9 ms with huge pages, Nystrom's forward+backward 19.8-29.9 ms and
+    19.0-21.8 ms, Performer's forward at 2048 fp32 33-44 ms and 33-38 ms, torch SDPA's
+    forward+backward at 1024 bf16 59-70 ms and 58-63 ms.
+
+    Returns a line for the report: what the timing processes get.
+    """
+    os.environ[HUGE_PAGES_ENV] = "1" if enable else "0"
+    if not enable:
+        return "4 KiB pages (--no-huge-pages)"
+    try:
+        with open(_THP_MODE) as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "4 KiB pages (this system has no transparent huge pages)"
+    if mode == "never":
+        return "4 KiB pages (the kernel's transparent huge pages are off: " + _THP_MODE + " is never)"
+    return f"transparent huge pages for tensors of 2 MiB and more ({HUGE_PAGES_ENV}=1; kernel mode {mode})"
 
 
 LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked †
