@@ -158,20 +158,6 @@ def test_cheap_cases_get_more_processes_up_to_max_rounds_within_round_time():
             assert sum(walls[:k]) * (1 + 1 / k) <= 0.25
 
 
-def test_revisits_spread_a_cases_processes_over_the_sweep(monkeypatch):
-    from attnkit.bench import runner
-
-    monkeypatch.setattr(runner, "_more_rounds", lambda *a, **k: None)  # only what the revisits give
-    cfg = dict(ns=[32, 64], methods=["vanilla"], rounds=1, max_rounds=3, round_time=60.0, revisit_share=100.0)
-    res = run_sweep(_tiny(**cfg, revisit_s=1e-9))  # a revisit after every case
-    got = [len(r["time"]["rounds"]) for r in res["cases"]]
-    assert got == [3, 3, 3, 2]  # fewest processes first; the last case was revisited once, after itself
-    res = run_sweep(_tiny(**cfg, revisit_s=0.0))  # never
-    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [1, 1, 1, 1]
-    res = run_sweep(_tiny(**{**cfg, "revisit_share": 0.0}, revisit_s=1e-9))  # no time for one
-    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [1, 1, 1, 1]
-
-
 def test_cases_over_the_time_budget_are_skipped_with_the_projection():
     res = run_sweep(_tiny(time_budget_s=1e-12))
     rows = res["cases"]

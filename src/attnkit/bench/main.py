@@ -34,13 +34,12 @@ STRESS_NS = (4096, 16384)
 PROFILES = {
     "time_budget_s": (1.0, 1.5, 60.0),
     "retries": (0, 1, 1),
-    "run_budget_s": (40.0, 555.0, None),
+    "run_budget_s": (40.0, 540.0, None),
     "repeats": (2, 3, 5),
     "min_run_time": (0.05, 0.05, 0.5),
     "rounds": (1, 2, 3),
-    "max_rounds": (1, 8, 3),
-    "round_time": (0.0, 3.0, 0.0),
-    "revisit_s": (0.0, 30.0, 0.0),
+    "max_rounds": (1, 6, 3),
+    "round_time": (0.0, 1.0, 0.0),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -89,11 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the lowest of their "
                    "medians (default 2; --quick 1; --full 3)")
     g.add_argument("--max-rounds", type=int, help="more processes, up to this many, for a case whose processes took "
-                   "less than --round-time s of timing in all (default 8; --quick 1; --full 3)")
-    g.add_argument("--round-time", type=float, help="see --max-rounds (default 3.0; --quick and --full 0)")
-    g.add_argument("--revisit-s", type=float, help="every this many seconds of the sweep, give the cases measured so "
-                   "far that may get more processes another, in up to a quarter of that time, so that a case's "
-                   "processes are spread over the run (default 30; --quick and --full 0 = never)")
+                   "less than --round-time s of timing in all (default 6; --quick 1; --full 3)")
+    g.add_argument("--round-time", type=float, help="see --max-rounds (default 1.0; --quick and --full 0)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
@@ -102,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("budgets (cases over them are skipped and listed with the projection)")
     g.add_argument("--time-budget-s", type=float, help="per call, projected from smaller N (default 1.5; --quick 1; --full 60)")
     g.add_argument("--mem-budget-gib", type=float, help="projected peak extra memory (default: a quarter of the RAM)")
-    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 555; --quick 40; --full none; "
+    g.add_argument("--run-budget-s", type=float, help="the whole sweep (default 540; --quick 40; --full none; "
                    "0 = none)")
     g = p.add_argument_group("what to measure")
     g.add_argument("--accuracy-max-n", type=int, help="largest N for errors against float64 (default 4096)")
@@ -169,7 +165,7 @@ def build_config(args):
     return Config(
         methods=args.methods or default_methods(), preset=parse_preset(args.preset, args.batch), ns=args.n,
         dtypes=dtypes, device=device, warmup=args.warmup, repeats=args.repeats, min_run_time=args.min_run_time,
-        rounds=args.rounds, max_rounds=args.max_rounds, round_time=args.round_time, revisit_s=args.revisit_s,
+        rounds=args.rounds, max_rounds=args.max_rounds, round_time=args.round_time,
         quiet_wait=args.quiet_wait, quiet_load=args.quiet_load, retries=args.retries,
         time_budget_s=args.time_budget_s, mem_budget_bytes=_mem_budget(args), run_budget_s=args.run_budget_s,
         memory=not args.no_memory, accuracy=not args.no_accuracy, accuracy_max_n=args.accuracy_max_n,

@@ -129,9 +129,6 @@ def _rounds_text(report: dict) -> str:
     text = (f" in each of {least} fresh processes"
             + (f" (up to {most} for a case whose processes took under {c.get('round_time', 0):g} s of timing in all: "
                "a cheap call varies more between processes than within one)" if most > least else "")
-            + (f", every {c['revisit_s']:g} s of the sweep another for the cases measured so far that may get more "
-               f"(in up to {c.get('revisit_share', 0.25):.0%} of that time; the host's state changes every minute or "
-               "two, and with it how fast memory-bound kernels run)" if c.get("revisit_s") else "")
             + ", the later rounds in passes over the cases, cheapest first, within the run budget: "
             f"{sum(g >= least for g in got)} of {len(got)} cases got at least {least}")
     if most > least and got:

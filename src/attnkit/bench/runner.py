@@ -71,10 +71,6 @@ class Config:
         max_rounds / round_time: a case whose ``rounds`` processes took less than
             ``round_time`` seconds of timing in all gets more, up to ``max_rounds``
             (:func:`_more_rounds`; None or fewer than ``rounds`` means ``rounds``).
-        revisit_s / revisit_share: every ``revisit_s`` seconds of the sweep (0: never),
-            the cases measured so far that may get more processes get them, in up to
-            ``revisit_share`` of the time since the last revisit (:func:`_revisit`), so
-            that a case's processes are spread over the run.
     """
 
     methods: list[str]
@@ -105,8 +101,6 @@ class Config:
     rounds: int = 1
     max_rounds: int | None = None
     round_time: float = 0.0
-    revisit_s: float = 0.0
-    revisit_share: float = 0.25
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -283,61 +277,6 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     return out
 
 
-def _timed_fresh(rows: list[dict], cases: list[Case]) -> list[tuple[dict, Case]]:
-    """The (row, case) pairs that were timed in fresh processes."""
-    return [(row, case) for row, case in zip(rows, cases)
-            if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
-
-
-def _spent(row: dict) -> tuple[float, float]:
-    """(timing wall time of a case's processes so far, per process)."""
-    done = row["time"]["rounds"]
-    spent = sum(x.get("wall_s", 0.0) for x in done)
-    return spent, spent / len(done)
-
-
-def _budget_left(cfg: Config, started: float) -> float | None:
-    return None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
-
-
-def _may_get_more(row: dict, cfg: Config) -> bool:
-    """A case gets more than ``cfg.rounds`` processes while they took under ``cfg.round_time``
-    seconds of timing in all, one more included, up to ``cfg.max_rounds``."""
-    spent, each = _spent(row)
-    return len(row["time"]["rounds"]) < cfg.max_rounds and spent + each <= cfg.round_time
-
-
-def _another_round(row: dict, case: Case, cfg: Config, mem_ctx) -> None:
-    """Time ``case`` once more in a fresh process (timing only) and pool it into ``row``."""
-    got, why = _in_fresh_process(case, replace(cfg, memory=False), mem_ctx)
-    if why is None:
-        row["time"] = pool_rounds(row["time"]["rounds"] + [got["time"]])
-        row["tokens_per_s"] = case.preset.batch * case.n / case_time(row["time"])
-
-
-def _revisit(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float, allowance: float) -> None:
-    """One revisit during the sweep: in up to ``allowance`` seconds, another process for
-    the cases measured so far that may get more (:func:`_may_get_more`), those with the
-    fewest processes first, cheapest first.
-
-    Why: on this project's VM the host's state changes every minute or two, and with it
-    how fast memory-bound kernels run against compute-bound ones.  In one process over
-    seven minutes (same inputs, nothing else running in the guest), Nystrom's
-    forward+backward at N=1024 bf16 ran 1.00-1.32x its best in spells of one to two
-    minutes while torch SDPA's forward ran 1.00-1.10x; then everything ran 1.5x slower
-    for over a minute.  A case's processes taken back to back at the end of the run
-    land in the same spell; revisits spread them over the run."""
-    stop = time.monotonic() + allowance
-    todo = sorted((rc for rc in _timed_fresh(rows, cases) if _may_get_more(rc[0], cfg)),
-                  key=lambda rc: (len(rc[0]["time"]["rounds"]), _spent(rc[0])[1]))
-    for row, case in todo:
-        each = _spent(row)[1]
-        left = _budget_left(cfg, started)
-        if time.monotonic() + each > stop or (left is not None and left < each + 1.0):
-            continue
-        _another_round(row, case, cfg, mem_ctx)
-
-
 def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
     """Time the cases measured in a fresh process again, each time in another fresh
     process, and pool each case's rounds (:func:`pool_rounds`).
@@ -356,18 +295,26 @@ def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, star
     on the same cases twice, and a case's processes are spread over the run).  The later
     rounds take what is left of the run budget; a case they do not reach keeps the rounds
     it got (its ``rounds_skipped`` says so when it got fewer than ``cfg.rounds``)."""
-    todo = _timed_fresh(rows, cases)
+    todo = [(row, case) for row, case in zip(rows, cases)
+            if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
     todo.sort(key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0))
+    timing_only = replace(cfg, memory=False)
     for r in range(1, cfg.max_rounds):
         for row, case in todo:
-            if len(row["time"]["rounds"]) != r or (r >= cfg.rounds and not _may_get_more(row, cfg)):
+            done = row["time"]["rounds"]
+            spent = sum(x.get("wall_s", 0.0) for x in done)
+            each = spent / len(done)
+            if len(done) != r or (r >= cfg.rounds and spent + each > cfg.round_time):
                 continue
-            left = _budget_left(cfg, started)
-            if left is not None and left < _spent(row)[1] + 1.0:
+            left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
+            if left is not None and left < each + 1.0:
                 if r < cfg.rounds:
                     row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
                 continue
-            _another_round(row, case, cfg, mem_ctx)
+            got, why = _in_fresh_process(case, timing_only, mem_ctx)
+            if why is None:
+                row["time"] = pool_rounds(done + [got["time"]])
+                row["tokens_per_s"] = case.preset.batch * case.n / case_time(row["time"])
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -474,7 +421,6 @@ def run_sweep(cfg: Config) -> dict:
     rows, acc_rows = [], []
     bar = _Progress(len(cases), cfg.progress, "attnkit bench")
     _warm_process(cfg)
-    last_revisit = time.monotonic()
     try:
         for case in cases:
             row = {**case.as_dict(), "label": case.label, "flops": case_flops(case.method, case.preset.shape(case.n), case.mode)}
@@ -509,9 +455,6 @@ def run_sweep(cfg: Config) -> dict:
                 acc_rows.append(_accuracy_row(case, cfg, rows, refs))
                 acc_rows[-1]["wall_s"] = time.monotonic() - acc_start
                 release_heap()  # the float64 references' memory, kept by the steady allocator
-            if cfg.revisit_s > 0 and cfg.timing and time.monotonic() - last_revisit >= cfg.revisit_s:
-                _revisit(rows, cases, cfg, mem_ctx, started, cfg.revisit_share * (time.monotonic() - last_revisit))
-                last_revisit = time.monotonic()
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()
