@@ -153,10 +153,10 @@ def render_markdown(report: dict) -> str:
         f"no mask. Dtypes: {', '.join(c['dtypes'])}. Methods: {', '.join(c['methods'])}.", "",
         "## How it is measured", "",
         f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s), more until "
-        "a call takes (next to) no page faults (at most 8 more); calls slower than 50 ms are timed one per block and "
-        "a block that faulted pages in is re-taken (kept in results.json as `faulted_blocks`), since it timed the "
-        f"kernel handing the process memory; about {c['repeats']} blocks (more for fast calls, at least "
-        f"{c['min_run_time']} s)"
+        "a call takes (next to) no page faults and no fresh memory (at most 8 more); calls slower than 50 ms are "
+        "timed one per block and a block that took fresh memory is re-taken (kept in results.json as "
+        f"`faulted_blocks`), since it timed the kernel handing the process memory; at least {c['repeats']} blocks "
+        f"(more for fast calls, at least {c['min_run_time']} s)"
         + _rounds_text(report) + ". The time shown is the fastest block of any process (a block is one call, or "
         "the mean of a few fast calls): interference only slows a call down, and on a shared machine it comes and "
         "goes within a second; beside it, the lowest of the processes' median ± their range (one process: "

@@ -392,7 +392,7 @@ def steady_allocator() -> str:
         return "default allocator (mallopt is not available: not glibc)"
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, -1)):
         return "default allocator (mallopt refused the settings)"
-    return "glibc malloc with mmap off and no trimming (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=SIZE_MAX); each case warmed up until a call takes (next to) no page faults"
+    return "glibc malloc with mmap off and no trimming (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=SIZE_MAX); each case warmed up until a call takes (next to) no page faults and no fresh memory"
 
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch's CPU allocator (c10 alloc_cpu), once per process
@@ -407,13 +407,12 @@ def huge_pages(enable: bool = True) -> str:
     2 MiB and more to 2 MiB and madvises it ``MADV_HUGEPAGE``; a process reads the
     variable at its first allocation, so it must be set before the process allocates
     anything (the sweep's forkserver is started after this).  Without it (torch's
-    default) the kernel gives such a tensor 4 KiB pages wherever they fall, and where
-    they fall decides how the call's working set meets the caches and the TLB.  Measured
-    on this project's 2-core VM, eight fresh processes each (bert-base shape, fastest of
-    six 0.05 s blocks): LowRank's forward at N=1024 bf16 took 7.7-9.7 ms with 4 KiB pages
-    and 7.1-7.9 ms with huge pages, Nystrom's forward+backward 19.8-29.9 ms and
-    19.0-21.8 ms, Performer's forward at 2048 fp32 33-44 ms and 33-38 ms, torch SDPA's
-    forward+backward at 1024 bf16 59-70 ms and 58-63 ms.
+    default) the kernel gives such a tensor 4 KiB pages, faulted in one by one.
+    Measured on this project's 2-core VM (bert-base shape, steady allocator, four fresh
+    processes each): with huge pages a call's heap settles after the first call instead
+    of the third, and math's forward at N=2048 fp32 ran 127-136 ms instead of 149-157 ms.
+    Whether they also make a case steadier from process to process is not settled: one
+    check found narrower spreads, another none (benchmarks/results/bench_stability.md).
 
     Returns a line for the report: what the timing processes get.
     """
