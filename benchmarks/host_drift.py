@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `attnkit bench` times (before torch allocates)
-
-import torch  # noqa: E402
-
-from attnkit.bench.cases import PRESETS, Case, make_call  # noqa: E402
-from attnkit.bench.machine import machine_info  # noqa: E402
-from attnkit.bench.timing import steady_allocator  # noqa: E402
+from attnkit.bench.cases import PRESETS, Case, make_call
+from attnkit.bench.machine import machine_info
+from attnkit.bench.timing import huge_pages, steady_allocator
 
 CASES = [  # (method, N, dtype, mode): SDPA (compute-bound) and memory-bound methods, bert-base shape
     ("torch-sdpa", 1024, "bf16", "fwd"), ("torch-sdpa", 1024, "bf16", "fwd_bwd"), ("torch-sdpa", 1024, "fp32", "fwd"),
@@ -53,7 +48,8 @@ def main() -> None:
     p.add_argument("--every", type=float, default=2.0, help="pause between samples, s (default 2)")
     p.add_argument("--out", type=Path, help="write every sample here (JSON)")
     args = p.parse_args()
-    steady_allocator()
+    # as `attnkit bench` times; torch reads the huge-pages setting at its first allocation, which is still to come
+    allocator = f"{steady_allocator()}; {huge_pages()}"
     preset = PRESETS["bert-base"]
     names = [f"{m} {mode} N={n} {dt}" for m, n, dt, mode in CASES]
     fns = [make_call(Case(m, preset, n, dt, mode)) for m, n, dt, mode in CASES]
@@ -82,7 +78,8 @@ def main() -> None:
         print(f"  {names[i]:32s} {min(ratios):.3f} - {max(ratios):.3f}  (max/min - 1 = {spread:.0%})")
     if args.out:
         args.out.write_text(json.dumps({
-            "machine": machine_info("cpu"), "platform": platform.platform(), "cases": names, "best_s": best,
+            "machine": {**machine_info("cpu"), "allocator": allocator}, "platform": platform.platform(),
+            "cases": names, "best_s": best,
             "samples": samples, "ratio_ranges": summary, "command": "python benchmarks/host_drift.py "
             + f"--seconds {args.seconds:g} --every {args.every:g}",
         }, indent=1) + "\n")

@@ -190,18 +190,11 @@ print(kept, rss() - base)
     assert after < 32 * MiB  # given back
 
 
-def _thp_mode() -> str | None:
-    try:
-        return open("/sys/kernel/mm/transparent_hugepage/enabled").read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return None
-
-
 @pytest.mark.parametrize("enable", [True, False])
 def test_huge_pages_reach_a_process_started_after_it(enable, monkeypatch):
     # the setting is an environment variable that torch reads at a process's first allocation,
     # so it is checked where the sweep uses it: in a process started after the call
-    from attnkit.bench.timing import huge_pages
+    from attnkit.bench.timing import huge_pages, thp_mode
 
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "unset")  # restored after the test
     line = huge_pages(enable)
@@ -212,7 +205,7 @@ x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
 print(sum(int(l.split()[1]) for l in open('/proc/self/smaps') if l.startswith('AnonHugePages:')))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    mode = _thp_mode()
+    mode = thp_mode()
     if not enable:
         assert line.startswith("4 KiB pages (--no-huge-pages)")
     elif mode in (None, "never"):

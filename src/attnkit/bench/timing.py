@@ -34,7 +34,7 @@ except ImportError:  # Windows
 
 __all__ = [
     "Timing", "time_callable", "pool", "forward_closure", "forward_backward_closure", "other_cpu_load", "wait_for_quiet",
-    "steady_allocator", "huge_pages", "release_heap", "case_time",
+    "steady_allocator", "huge_pages", "thp_mode", "release_heap", "case_time",
 ]
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -399,6 +399,16 @@ HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch's CPU allocator (c10 al
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ("always", "madvise" or "never"), or None
+    where the system has none."""
+    try:
+        with open(_THP_MODE) as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
 def huge_pages(enable: bool = True) -> str:
     """Have torch's CPU allocator back its large allocations with transparent huge pages
     in the processes started from now on (the timing processes), or not.
@@ -419,10 +429,8 @@ def huge_pages(enable: bool = True) -> str:
     os.environ[HUGE_PAGES_ENV] = "1" if enable else "0"
     if not enable:
         return "4 KiB pages (--no-huge-pages)"
-    try:
-        with open(_THP_MODE) as f:
-            mode = f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
+    mode = thp_mode()
+    if mode is None:
         return "4 KiB pages (this system has no transparent huge pages)"
     if mode == "never":
         return "4 KiB pages (the kernel's transparent huge pages are off: " + _THP_MODE + " is never)"
