@@ -146,6 +146,12 @@ def test_timing_settles_after_faulting_warmups_and_retakes_faulting_blocks():
     assert calls[0] == 3 + 5  # warm-up and settling, then 3 kept + 2 re-taken blocks
 
 
+def test_a_slow_call_gets_exactly_repeats_blocks_when_the_run_time_is_met():
+    # what a visit asks for: one settled block of a call slower than SLOW_CALL_S
+    t = time_callable(lambda: time.sleep(0.06), warmup=1, repeats=1, min_run_time=0.0)
+    assert len(t.times) == 1 and t.times[0] >= 0.06 and t.number_per_block == 1
+
+
 def test_timing_takes_at_least_repeats_blocks_when_one_block_fills_the_run_time(monkeypatch):
     from attnkit.bench import timing
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from attnkit.bench.memory import forkserver_context, measure_peak
 from .test_bench_measure import alloc_free_case
 from attnkit.bench.plots import pareto_front
 from attnkit.bench.report import compare, ratio_agreement, seed_summary
-from attnkit.bench.runner import Config, pool_rounds, run_stress, run_sweep
+from attnkit.bench.runner import Config, _Visits, pool_rounds, replace_config, run_stress, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent, project
 from attnkit.bench.timing import huge_pages
 from attnkit.core.reference import reference_attention
@@ -141,21 +142,40 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
                                          "other_load": 0.2}]}
 
 
-def test_cheap_cases_get_more_processes_up_to_max_rounds_within_round_time():
-    # Every case's timing takes far less than a second: all get max_rounds processes
-    # with a generous round_time, exactly `rounds` with round_time 0.
-    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=2, max_rounds=4, round_time=60.0))
-    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [4, 4]
-    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=2, max_rounds=4, round_time=0.0))
-    assert [len(r["time"]["rounds"]) for r in res["cases"]] == [2, 2]
-    # round_time is a bound on the timing seconds of the processes together: one slower
-    # call (its own minimum run time) stops after the rounds it must have
-    res = run_sweep(_tiny(ns=[32], methods=["vanilla"], rounds=1, max_rounds=6, round_time=0.25, min_run_time=0.1))
-    for r in res["cases"]:
-        walls = [x["wall_s"] for x in r["time"]["rounds"]]
-        assert 1 <= len(walls) < 6
-        for k in range(1, len(walls)):  # the process k+1 was started only while it fitted
-            assert sum(walls[:k]) * (1 + 1 / k) <= 0.25
+def test_visits_time_each_group_in_one_process_until_max_rounds_spread_by_the_gap():
+    res = run_sweep(_tiny(ns=[32], rounds=2, max_rounds=4, visit_gap_s=0.3))
+    rows = res["cases"]
+    for row in rows:
+        rounds = row["time"]["rounds"]
+        assert len(rounds) == 4 and "rounds_skipped" not in row["time"]
+        assert rounds[0].get("cases_in_process", 1) == 1  # its own process first, with its memory
+        # a visit times both methods of the row's (N, dtype, mode) in one process
+        assert all(r["cases_in_process"] == 2 for r in rounds[1:])
+        at = [r["at_s"] for r in rounds]
+        assert at == sorted(at)
+    for mode in ("fwd", "fwd_bwd"):
+        a, b = (r["time"]["rounds"] for r in rows if r["mode"] == mode)
+        assert [r["at_s"] for r in a[1:]] == [r["at_s"] for r in b[1:]]  # the same visits
+    # the group with the fewest processes goes first: the two groups take turns
+    fwd = next(r for r in rows if r["mode"] == "fwd")["time"]["rounds"]
+    bwd = next(r for r in rows if r["mode"] == "fwd_bwd")["time"]["rounds"]
+    turns = sorted([(r["at_s"], "fwd") for r in fwd[1:]] + [(r["at_s"], "bwd") for r in bwd[1:]])
+    assert all(a[1] != b[1] for a, b in zip(turns, turns[1:]))
+
+
+def test_visits_stop_at_the_run_budget_and_say_which_cases_got_fewer_than_rounds():
+    cfg = _tiny(ns=[32], rounds=1, max_rounds=1)
+    res = run_sweep(cfg)  # no visits
+    assert all(len(r["time"]["rounds"]) == 1 and "rounds_skipped" not in r["time"] for r in res["cases"])
+    # the same rows, due two visits each, in a run whose budget ran out a second ago
+    cfg = replace_config(cfg, rounds=3, max_rounds=3, run_budget_s=100.0)
+    visits = _Visits(cfg, "spawn", started=time.monotonic() - 101.0)
+    for row in res["cases"]:
+        visits.add(row, Case(row["method"], cfg.preset, row["n"], row["dtype"], row["mode"]))
+    visits.to_the_end()
+    for row in res["cases"]:
+        assert len(row["time"]["rounds"]) == 1
+        assert row["time"]["rounds_skipped"] == "1 of 3 processes: not enough of the run budget left"
 
 
 def test_cases_over_the_time_budget_are_skipped_with_the_projection():

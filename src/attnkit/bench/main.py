@@ -38,8 +38,7 @@ PROFILES = {
     "repeats": (2, 3, 5),
     "min_run_time": (0.05, 0.05, 0.5),
     "rounds": (1, 2, 3),
-    "max_rounds": (1, 6, 3),
-    "round_time": (0.0, 1.0, 0.0),
+    "max_rounds": (1, 8, 3),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -85,11 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
     g.add_argument("--min-run-time", type=float, help="least measured seconds per case and process (default 0.05; "
                    "--full 0.5)")
-    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in, pooled by the lowest of their "
-                   "medians (default 2; --quick 1; --full 3)")
-    g.add_argument("--max-rounds", type=int, help="more processes, up to this many, for a case whose processes took "
-                   "less than --round-time s of timing in all (default 6; --quick 1; --full 3)")
-    g.add_argument("--round-time", type=float, help="see --max-rounds (default 1.0; --quick and --full 0)")
+    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in where the run budget allows: its "
+                   "own, then visits that time all cases of one N, dtype and mode in one process, spread over the run "
+                   "(default 2; --quick 1; --full 3)")
+    g.add_argument("--max-rounds", type=int, help="visits go on within the run budget until each case has this many "
+                   "processes (default 8; --quick 1; --full 3)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")
@@ -165,7 +164,7 @@ def build_config(args):
     return Config(
         methods=args.methods or default_methods(), preset=parse_preset(args.preset, args.batch), ns=args.n,
         dtypes=dtypes, device=device, warmup=args.warmup, repeats=args.repeats, min_run_time=args.min_run_time,
-        rounds=args.rounds, max_rounds=args.max_rounds, round_time=args.round_time,
+        rounds=args.rounds, max_rounds=args.max_rounds,
         quiet_wait=args.quiet_wait, quiet_load=args.quiet_load, retries=args.retries,
         time_budget_s=args.time_budget_s, mem_budget_bytes=_mem_budget(args), run_budget_s=args.run_budget_s,
         memory=not args.no_memory, accuracy=not args.no_accuracy, accuracy_max_n=args.accuracy_max_n,

@@ -126,11 +126,18 @@ def _rounds_text(report: dict) -> str:
     if most <= 1:
         return ""
     got = _processes(report)
-    text = (f" in each of {least} fresh processes"
-            + (f" (up to {most} for a case whose processes took under {c.get('round_time', 0):g} s of timing in all: "
-               "a cheap call varies more between processes than within one)" if most > least else "")
-            + ", the later rounds in passes over the cases, cheapest first, within the run budget: "
-            f"{sum(g >= least for g in got)} of {len(got)} cases got at least {least}")
+    if "visit_gap_s" not in c:  # results written before the visits: later rounds per case
+        text = f" in each of {least} fresh processes (up to {most} for a cheap case) within the run budget"
+    else:
+        text = (f" in a fresh process of its own, then in visits until it has {most} processes where the run budget "
+                "allows: a visit is one fresh process that times every case of one N, dtype and mode in turn (torch "
+                f"SDPA among them), after its own warm-up, {c.get('visit_repeats', 1)} settled block(s) each, or about "
+                f"{c.get('visit_run_time', 0.02):g} s of a fast call; visits run while the sweep goes on (in up to "
+                f"{c.get('visit_share', 0):.0%} of its time, at each new N and dtype) and after it, the group with the "
+                f"fewest processes first, each group at least {c.get('visit_gap_s'):g} s after its last, so that a "
+                "case's samples spread over minutes (the machine's slow spells last one to three: "
+                "benchmarks/host_drift.py)")
+    text += f": {sum(g >= least for g in got)} of {len(got)} cases got at least {least}"
     if most > least and got:
         text += ", " + ", ".join(f"{sum(g == k for g in got)} got {k}" for k in range(least + 1, most + 1)
                                  if any(g == k for g in got))
@@ -164,9 +171,10 @@ def render_markdown(report: dict) -> str:
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
-        + " Each case is timed in a fresh process of its own, right after its memory is measured there (forked "
-          "from the clean server; compiled cases in the sweep's process), so that no case's time depends on what "
-          "ran before it."
+        + " Each case is first timed in a fresh process of its own, right after its memory is measured there "
+          "(forked from the clean server; compiled cases in the sweep's process), so that no case's time depends on "
+          "what ran before it" + ("; in a visit, each case is warmed up and settled again after the one before it"
+                                  if "visit_gap_s" in c and (c.get("max_rounds") or 1) > 1 else "") + "."
         + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator` and `huge_pages`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"

@@ -66,11 +66,17 @@ class Config:
         run_budget_s: skip what would not finish within this many seconds of the start.
         accuracy_max_n / prob_max_n / flop_check_max_n: the largest N at which errors,
             implied-probability errors and counted FLOPs are measured.
-        rounds: fresh processes each case is timed in, pooled by the lowest of their
-            medians (:func:`pool_rounds`).
-        max_rounds / round_time: a case whose ``rounds`` processes took less than
-            ``round_time`` seconds of timing in all gets more, up to ``max_rounds``
-            (:func:`_more_rounds`; None or fewer than ``rounds`` means ``rounds``).
+        rounds: fresh processes each case is timed in where the run budget allows: its
+            own (with its memory), then visits (:class:`_Visits`); pooled by
+            :func:`pool_rounds`.
+        max_rounds: visits go on, within the run budget, until each case has this many
+            processes (None or fewer than ``rounds`` means ``rounds``).
+        visit_repeats / visit_run_time: a visit's measured blocks per slow case, and its
+            least measured seconds per fast one.
+        visit_gap_s: a group is visited again after at least this many seconds (unless
+            nothing else is left to do).
+        visit_share: the share of the time gone so far that visits may take while the
+            sweep goes on.
     """
 
     methods: list[str]
@@ -100,7 +106,10 @@ class Config:
     memory_context: str = "forkserver"
     rounds: int = 1
     max_rounds: int | None = None
-    round_time: float = 0.0
+    visit_repeats: int = 1
+    visit_run_time: float = 0.02
+    visit_gap_s: float = 30.0
+    visit_share: float = 0.1
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -277,44 +286,140 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     return out
 
 
-def _more_rounds(rows: list[dict], cases: list[Case], cfg: Config, mem_ctx, started: float) -> None:
-    """Time the cases measured in a fresh process again, each time in another fresh
-    process, and pool each case's rounds (:func:`pool_rounds`).
+def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config) -> list[dict]:
+    """One visit (:class:`_Visits`): every case of ``cases`` timed in turn in this one fresh
+    process, each after its own warm-up and settling (:func:`timed_quietly`), with the
+    parent's thread count and the steady allocator.  A case that raises gets
+    ``{"error": why}`` and the others go on."""
+    steady_allocator()
+    torch.set_num_threads(threads)
+    out = []
+    for case in cases:
+        start = time.monotonic()
+        try:
+            fn = make_call(case, seed)
+            out.append({**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start, "cases_in_process": len(cases)})
+            del fn
+        except Exception as e:  # reported for this case only
+            out.append({"error": f"{type(e).__name__}: {e}"})
+        gc.collect()
+    return out
 
-    Every case is due ``cfg.rounds`` processes in all; a cheap case -- one whose
-    processes so far took less than ``cfg.round_time`` seconds of timing together, with
-    room for one more -- gets more, up to ``cfg.max_rounds``.  A cheap call's time varies
-    more between processes than within one: on this project's 2-core VM a 5-7 ms
-    memory-bound kernel by 30-40% across eight fresh processes (best to worst) where a
-    20 ms compute-bound one varied by 8%, and the lowest of more processes is the steadier
-    figure.
 
-    The rounds go in passes over the cases, each pass cheapest first (by the first
-    round's timing wall time, so that the run budget gives the most cases every round;
-    the order differs from the first round's, so a slow spell of the machine does not land
-    on the same cases twice, and a case's processes are spread over the run).  The later
-    rounds take what is left of the run budget; a case they do not reach keeps the rounds
-    it got (its ``rounds_skipped`` says so when it got fewer than ``cfg.rounds``)."""
-    todo = [(row, case) for row, case in zip(rows, cases)
-            if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh"]
-    todo.sort(key=lambda rc: rc[0]["time"]["rounds"][0].get("wall_s", 0.0))
-    timing_only = replace(cfg, memory=False)
-    for r in range(1, cfg.max_rounds):
-        for row, case in todo:
-            done = row["time"]["rounds"]
-            spent = sum(x.get("wall_s", 0.0) for x in done)
-            each = spent / len(done)
-            if len(done) != r or (r >= cfg.rounds and spent + each > cfg.round_time):
+class _Visits:
+    """More fresh processes for the cases measured so far, spread over the run.
+
+    A *visit* is one fresh process that times every case of one (N, dtype, mode) group in
+    turn -- SDPA with the methods it is compared with -- after its own warm-up, one
+    settled block each for a slow call (``cfg.visit_repeats``) and about
+    ``cfg.visit_run_time`` seconds of blocks for a fast one.  Each visit is a round of
+    each of its cases (:func:`pool_rounds`), and every round records when it ran
+    (``at_s``, seconds from the start of the sweep).
+
+    Why: on this project's 2-core VM the machine itself moves a memory-bound kernel's
+    time against a compute-bound one's by 20-40% for spells of one to three minutes
+    (``benchmarks/host_drift.py``: method/SDPA ratios, sampled every 3.5 s in one
+    process, ranged 30-41% max/min; the lowest ratio in each minute held within 2.5-13%).
+    The fastest block is a steady figure only where a case was sampled on both sides of
+    such spells, so the samples must be spread over minutes, and as many as possible
+    must fit in the run budget.  A visit pays one process start for a whole group
+    instead of one per case, and its cases reuse the heap the first one grew.
+
+    When: while the sweep goes on, at each change of (N, dtype), in up to
+    ``cfg.visit_share`` of the time gone so far; after it, in what is left of the run
+    budget.  Each time, the group that is due -- a case with fewer than
+    ``cfg.max_rounds`` processes, last visited at least ``cfg.visit_gap_s`` ago -- with
+    the fewest processes so far goes first, the cheapest of those first, and only if
+    its visit (the last one's wall time, or an estimate from its cases' times) fits."""
+
+    def __init__(self, cfg: Config, mem_ctx, started: float):
+        self.cfg, self.mem_ctx, self.started = cfg, mem_ctx, started
+        self.groups: dict[tuple, list[tuple[dict, Case]]] = {}
+        self.last: dict[tuple, float] = {}  # when each group's cases were last timed
+        self.cost: dict[tuple, float] = {}  # the wall time of each group's last visit
+        self.visits: dict[tuple, int] = {}
+        self.failed: set[tuple] = set()
+        self.spent = 0.0  # seconds of visits while the sweep went on
+        self.opts = replace(cfg, memory=False, repeats=cfg.visit_repeats,
+                            min_run_time=min(cfg.min_run_time, cfg.visit_run_time))
+
+    def add(self, row: dict, case: Case) -> None:
+        """A case just measured in its own fresh process (round one)."""
+        if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh":
+            key = (case.n, case.dtype, case.mode)
+            self.groups.setdefault(key, []).append((row, case))
+            self.last[key] = time.monotonic()
+
+    def _due(self, key) -> list[tuple[dict, Case]]:
+        if key in self.failed:
+            return []
+        return [(row, case) for row, case in self.groups[key] if len(row["time"]["rounds"]) < self.cfg.max_rounds]
+
+    def _estimate(self, key) -> float:
+        if key in self.cost:
+            return self.cost[key]
+        calls = self.cfg.warmup + 1 + self.cfg.visit_repeats  # warm-up, a settling call, the blocks
+        return 0.3 + sum(0.05 + max(calls * case_time(row["time"]), self.opts.min_run_time + 2 * case_time(row["time"]))
+                         for row, _ in self._due(key))
+
+    def _pick(self, room: float, gap: bool) -> tuple | None:
+        now, best = time.monotonic(), None
+        for key in self.groups:
+            due = self._due(key)
+            if not due or (gap and now - self.last[key] < self.cfg.visit_gap_s) or self._estimate(key) > room:
                 continue
-            left = None if cfg.run_budget_s is None else cfg.run_budget_s - (time.monotonic() - started)
-            if left is not None and left < each + 1.0:
-                if r < cfg.rounds:
-                    row["time"]["rounds_skipped"] = f"round {r + 1}: not enough of the run budget left"
-                continue
-            got, why = _in_fresh_process(case, timing_only, mem_ctx)
-            if why is None:
-                row["time"] = pool_rounds(done + [got["time"]])
+            rank = (min(len(row["time"]["rounds"]) for row, _ in due), self._estimate(key))
+            if best is None or rank < best[0]:
+                best = (rank, key)
+        return None if best is None else best[1]
+
+    def _visit(self, key) -> float:
+        self.visits[key] = self.visits.get(key, 0) + 1
+        due = self._due(key)[:: 1 if self.visits[key] % 2 else -1]  # so that no case always runs first
+        cases = [case for _, case in due]
+        start = time.monotonic()
+        got, why = run_fresh(_group_in_child, cases, self.cfg.seed, torch.get_num_threads(), self.opts,
+                             context=self.mem_ctx, timeout=300 + 30 * self.cfg.time_budget_s * len(cases), quiet=True)
+        took = time.monotonic() - start
+        self.last[key], self.cost[key] = time.monotonic(), took
+        for (row, case), t in zip(due, got or []):
+            if "error" not in t:
+                row["time"] = pool_rounds(row["time"]["rounds"] + [{**t, "at_s": start - self.started}])
                 row["tokens_per_s"] = case.preset.batch * case.n / case_time(row["time"])
+        if why is not None:  # the process failed as a whole: no more visits for this group
+            for row, _ in due:
+                row["time"]["visit_error"] = why
+            self.failed.add(key)
+        return took
+
+    def during_sweep(self) -> None:
+        """Visit groups in up to ``cfg.visit_share`` of the time gone so far, less what visits took before."""
+        while True:
+            room = self.cfg.visit_share * (time.monotonic() - self.started) - self.spent
+            key = self._pick(room, gap=True)
+            if key is None:
+                return
+            self.spent += self._visit(key)
+
+    def to_the_end(self) -> None:
+        """Visit groups in what is left of the run budget (without one: until every case has
+        ``cfg.max_rounds`` processes); when no group is past the gap, the one visited longest
+        ago goes next rather than waiting."""
+        while True:
+            left = (float("inf") if self.cfg.run_budget_s is None
+                    else self.cfg.run_budget_s - (time.monotonic() - self.started) - 1.0)
+            key = self._pick(left, gap=True)
+            if key is None:
+                waiting = [k for k in self.groups if self._due(k) and self._estimate(k) <= left]
+                if not waiting:
+                    break
+                key = min(waiting, key=lambda k: self.last[k])
+            self._visit(key)
+        for key in self.groups:
+            for row, _ in self.groups[key]:
+                if len(row["time"]["rounds"]) < self.cfg.rounds:
+                    row["time"]["rounds_skipped"] = (f"{len(row['time']['rounds'])} of {self.cfg.rounds} processes: "
+                                                     "not enough of the run budget left")
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
@@ -420,9 +525,12 @@ def run_sweep(cfg: Config) -> dict:
                else cfg.memory_context)
     rows, acc_rows = [], []
     bar = _Progress(len(cases), cfg.progress, "attnkit bench")
+    visits = _Visits(cfg, mem_ctx, started) if cfg.max_rounds > 1 and cfg.timing else None
     _warm_process(cfg)
     try:
-        for case in cases:
+        for i, case in enumerate(cases):
+            if visits is not None and i and (case.n, case.dtype) != (cases[i - 1].n, cases[i - 1].dtype):
+                visits.during_sweep()
             row = {**case.as_dict(), "label": case.label, "flops": case_flops(case.method, case.preset.shape(case.n), case.mode)}
             why = unsupported_reason(case.method, case.preset, case.n, case.dtype, case.device)
             if why is not None:
@@ -442,8 +550,12 @@ def run_sweep(cfg: Config) -> dict:
                     except Exception as e:  # one failing case must not stop the sweep; it is reported
                         row.update(status="error", reason=f"{type(e).__name__}: {e}")
                     row["wall_s"] = time.monotonic() - case_start
+                    if row.get("time", {}).get("rounds"):
+                        row["time"]["rounds"][0]["at_s"] = case_start - started
                     if row["status"] == "ok":
                         hist.add(case, case_time(row.get("time")), (row.get("memory") or {}).get("peak_bytes"))
+                        if visits is not None:
+                            visits.add(row, case)
             rows.append(row)
             if cfg.verbose:
                 t = case_time(row.get("time"))
@@ -458,8 +570,8 @@ def run_sweep(cfg: Config) -> dict:
             bar.step(f"N={case.n} {case.dtype} {case.label} {case.mode}")
     finally:
         bar.close()
-    if cfg.max_rounds > 1 and cfg.timing:
-        _more_rounds(rows, cases, cfg, mem_ctx, started)
+    if visits is not None:
+        visits.to_the_end()
     return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}
 
 

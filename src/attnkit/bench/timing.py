@@ -108,8 +108,8 @@ def time_callable(
             the allocator can take several calls to reach the heap the call needs; timing
             before that measures the kernel.  Calls slower than :data:`SLOW_CALL_S` are
             then timed one per block, and a block that did not settle is re-taken, up to
-            ``settle`` times (its time is kept in ``faulted_blocks``; if fewer than 3
-            blocks ran clean, every block counts).
+            ``settle`` times (its time is kept in ``faulted_blocks``; if fewer than
+            ``repeats`` blocks ran clean, every block counts).
 
     Returns:
         A :class:`Timing` with a positive median.
@@ -138,7 +138,7 @@ def time_callable(
         # times) -- it timed the kernel (and the host) handing the process memory, not the call
         times, kept, dropped = [], [], []
         with common.set_torch_threads(threads):
-            while (len(times) < max(repeats, 3) or sum(times) < min_run_time) and len(dropped) <= settle:
+            while (len(times) < repeats or sum(times) < min_run_time) and len(dropped) <= settle:
                 m0, start = _marks(), device_timer()  # device_timer synchronises an accelerator
                 fn()
                 t, took = device_timer() - start, _took(m0, _marks())
@@ -148,7 +148,7 @@ def time_callable(
                 else:
                     dropped.append(t)
         number, per_call = 1, None
-        if len(times) < 3:  # never settled: report what was measured, faults and all
+        if len(times) < repeats:  # never settled: report what was measured, faults and all
             times = times + dropped
         else:
             fresh = [b for _, b in kept]
