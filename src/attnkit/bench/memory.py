@@ -168,6 +168,9 @@ def peak_memory_here(
 
 
 def _child(conn, target: Callable[..., object], args: tuple, quiet: bool) -> None:
+    # What the process inherited is never garbage: keep it out of every collection (with
+    # torch and attnkit imported, one gc.collect() walked ~290,000 objects in 0.12 s).
+    gc.freeze()
     if quiet:  # the profiler's C++ side prints start/stop lines that would break a progress bar
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
