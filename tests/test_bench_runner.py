@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import statistics
 import time
 
 import pytest
@@ -161,6 +162,17 @@ def test_visits_time_each_group_in_one_process_until_max_rounds_spread_by_the_ga
     bwd = next(r for r in rows if r["mode"] == "fwd_bwd")["time"]["rounds"]
     turns = sorted([(r["at_s"], "fwd") for r in fwd[1:]] + [(r["at_s"], "bwd") for r in bwd[1:]])
     assert all(a[1] != b[1] for a, b in zip(turns, turns[1:]))
+
+
+def test_a_visit_times_the_sdpa_baseline_first_and_last_as_one_round():
+    res = run_sweep(_tiny(ns=[32], methods=["vanilla", "torch-sdpa"], modes=("fwd",), rounds=2, max_rounds=2,
+                          min_run_time=0.05))
+    base, other = (next(r for r in res["cases"] if r["method"] == m)["time"]["rounds"] for m in ("torch-sdpa", "vanilla"))
+    assert len(base) == len(other) == 2 and base[1]["at_s"] == other[1]["at_s"]  # one visit
+    assert base[1]["bracketed"] and "bracketed" not in other[1]
+    # two timings of about 0.02 s each (a fast call's visit), joined: more blocks, all kept
+    assert len(base[1]["times"]) >= 2 * 2 and base[1]["median"] == statistics.median(base[1]["times"])
+    assert base[1]["wall_s"] > other[1]["wall_s"]
 
 
 def test_visits_stop_at_the_run_budget_and_say_which_cases_got_fewer_than_rounds():

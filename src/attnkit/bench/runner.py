@@ -30,6 +30,7 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +51,8 @@ from .scaling import fit_exponent, project
 from .timing import case_time, release_heap, steady_allocator, timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
+
+BASELINE = "torch-sdpa"  # what the report's and --compare's time ratios divide by
 
 
 
@@ -287,15 +290,16 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     return out
 
 
-def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config) -> list[dict]:
+def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config, bracket: bool = False) -> list[dict]:
     """One visit (:class:`_Visits`): every case of ``cases`` timed in turn in this one fresh
     process, each after its own warm-up and settling (:func:`timed_quietly`), with the
-    parent's thread count and the steady allocator.  A case that raises gets
-    ``{"error": why}`` and the others go on."""
+    parent's thread count and the steady allocator.  With ``bracket``, the first case is
+    timed again after the last, and its two timings are one round (:func:`_joined`).  A
+    case that raises gets ``{"error": why}`` and the others go on."""
     steady_allocator()
     torch.set_num_threads(threads)
     out = []
-    for case in cases:
+    for case in cases + cases[:1] * (bracket and len(cases) > 1):
         start = time.monotonic()
         try:
             fn = make_call(case, seed)
@@ -304,7 +308,22 @@ def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config) -> 
         except Exception as e:  # reported for this case only
             out.append({"error": f"{type(e).__name__}: {e}"})
         gc.collect()
+    if len(out) > len(cases):
+        last = out.pop()
+        out[0] = _joined(out[0], last) if "error" not in out[0] and "error" not in last else out[0]
     return out
+
+
+def _joined(a: dict, b: dict) -> dict:
+    """Two timings of the same case in one process as one round: every block of both."""
+    times = list(a["times"]) + list(b["times"])
+    loads = [x for x in (a.get("other_load"), b.get("other_load")) if x is not None]
+    return {**a, "times": times, "median": statistics.median(times),
+            "iqr": max(times) - min(times), "number_per_block": max(a["number_per_block"], b["number_per_block"]),
+            "warmup": a["warmup"] + b["warmup"], "other_load": max(loads) if loads else None,
+            "faulted_blocks": list(a.get("faulted_blocks", ())) + list(b.get("faulted_blocks", ())),
+            **{k: max((x[k] for x in (a, b) if x.get(k) is not None), default=None) for k in ("page_faults", "fresh_bytes")},
+            "wall_s": a["wall_s"] + b["wall_s"], "bracketed": True}
 
 
 class _Visits:
@@ -313,7 +332,11 @@ class _Visits:
     A *visit* is one fresh process that times every case of one (N, dtype, mode) group in
     turn -- SDPA with the methods it is compared with -- after its own warm-up, one
     settled block each for a slow call (``cfg.visit_repeats``) and about
-    ``cfg.visit_run_time`` seconds of blocks for a fast one.  Each visit is a round of
+    ``cfg.visit_run_time`` seconds of blocks for a fast one.  torch SDPA
+    (:data:`BASELINE`), which every ratio of the group divides by, is timed first and
+    again last, so that one slow moment of it does not move all of them: in run Z of
+    ``bench_stability.md`` both of its processes at N=4096 fp32 ran 371-379 ms, where
+    attnkit's ``sdpa`` route to the same kernel ran 322 ms, and ten ratios moved 15-27%.  Each visit is a round of
     each of its cases (:func:`pool_rounds`), and every round records when it ran
     (``at_s``, seconds from the start of the sweep).
 
@@ -360,8 +383,9 @@ class _Visits:
         if key in self.cost:
             return self.cost[key]
         calls = self.cfg.warmup + 1 + self.cfg.visit_repeats  # warm-up, a settling call, the blocks
-        return 0.3 + sum(0.05 + max(calls * case_time(row["time"]), self.opts.min_run_time + 2 * case_time(row["time"]))
-                         for row, _ in self._due(key))
+        return 0.3 + sum((1 + (case.method == BASELINE)) * (0.05 + max(calls * case_time(row["time"]),
+                                                                      self.opts.min_run_time + 2 * case_time(row["time"])))
+                         for row, case in self._due(key))
 
     def _pick(self, room: float, gap: bool) -> tuple | None:
         now, best = time.monotonic(), None
@@ -377,10 +401,13 @@ class _Visits:
     def _visit(self, key) -> float:
         self.visits[key] = self.visits.get(key, 0) + 1
         due = self._due(key)[:: 1 if self.visits[key] % 2 else -1]  # so that no case always runs first
+        # the baseline every ratio of the group divides by goes first and last
+        base = [rc for rc in due if rc[1].method == BASELINE]
+        due = base + [rc for rc in due if rc[1].method != BASELINE]
         cases = [case for _, case in due]
         start = time.monotonic()
-        got, why = run_fresh(_group_in_child, cases, self.cfg.seed, torch.get_num_threads(), self.opts,
-                             context=self.mem_ctx, timeout=300 + 30 * self.cfg.time_budget_s * len(cases), quiet=True)
+        got, why = run_fresh(_group_in_child, cases, self.cfg.seed, torch.get_num_threads(), self.opts, bool(base),
+                             context=self.mem_ctx, timeout=300 + 30 * self.cfg.time_budget_s * (len(cases) + 1), quiet=True)
         took = time.monotonic() - start
         self.last[key], self.cost[key] = time.monotonic(), took
         for (row, case), t in zip(due, got or []):
