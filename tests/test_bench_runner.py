@@ -172,7 +172,6 @@ def test_a_visit_times_the_sdpa_baseline_first_and_last_as_one_round():
     assert base[1]["bracketed"] and "bracketed" not in other[1]
     # two timings of about 0.02 s each (a fast call's visit), joined: more blocks, all kept
     assert len(base[1]["times"]) >= 2 * 2 and base[1]["median"] == statistics.median(base[1]["times"])
-    assert base[1]["wall_s"] > other[1]["wall_s"]
 
 
 def test_visits_stop_at_the_run_budget_and_say_which_cases_got_fewer_than_rounds():
