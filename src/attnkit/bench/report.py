@@ -131,7 +131,7 @@ def _rounds_text(report: dict) -> str:
     else:
         text = (f" in a fresh process of its own, then in visits until it has {most} processes where the run budget "
                 "allows: a visit is one fresh process that times every case of one N, dtype and mode in turn (torch "
-                f"SDPA among them), after its own warm-up, {c.get('visit_repeats', 1)} settled block(s) each, or about "
+                f"SDPA first and again last), each after its own warm-up, {c.get('visit_repeats', 1)} settled block(s) each, or about "
                 f"{c.get('visit_run_time', 0.02):g} s of a fast call; visits run while the sweep goes on (in up to "
                 f"{c.get('visit_share', 0):.0%} of its time, at each new N and dtype) and after it, the group with the "
                 f"fewest processes first, each group at least {c.get('visit_gap_s'):g} s after its last, so that a "

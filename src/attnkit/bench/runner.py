@@ -336,7 +336,7 @@ class _Visits:
     (:data:`BASELINE`), which every ratio of the group divides by, is timed first and
     again last, so that one slow moment of it does not move all of them: in run Z of
     ``bench_stability.md`` both of its processes at N=4096 fp32 ran 371-379 ms, where
-    attnkit's ``sdpa`` route to the same kernel ran 322 ms, and ten ratios moved 15-27%.  Each visit is a round of
+    attnkit's ``sdpa`` route to the same kernel ran 321 ms, and seven ratios moved 15-27%.  Each visit is a round of
     each of its cases (:func:`pool_rounds`), and every round records when it ran
     (``at_s``, seconds from the start of the sweep).
 
