@@ -146,6 +146,18 @@ def test_timing_settles_after_faulting_warmups_and_retakes_faulting_blocks():
     assert calls[0] == 3 + 5  # warm-up and settling, then 3 kept + 2 re-taken blocks
 
 
+def test_pool_keeps_every_block_and_the_largest_known_disturbance():
+    from attnkit.bench.timing import Timing, pool
+
+    a = Timing(median=1.0, iqr=0.0, times=(1.0, 1.0), number_per_block=1, warmup=1, other_load=0.1,
+               page_faults=None, faulted_blocks=(5.0,), fresh_bytes=10.0)
+    b = Timing(median=3.0, iqr=0.0, times=(2.0, 3.0), number_per_block=2, warmup=2, other_load=None,
+               page_faults=7.0, faulted_blocks=(), fresh_bytes=4.0)
+    t = pool([a, b])
+    assert t.times == (1.0, 1.0, 2.0, 3.0) and t.median == 1.5 and t.number_per_block == 2 and t.warmup == 3
+    assert (t.other_load, t.page_faults, t.fresh_bytes, t.faulted_blocks) == (0.1, 7.0, 10.0, (5.0,))
+
+
 def test_a_slow_call_gets_exactly_repeats_blocks_when_the_run_time_is_met():
     # what a visit asks for: one settled block of a call slower than SLOW_CALL_S
     t = time_callable(lambda: time.sleep(0.06), warmup=1, repeats=1, min_run_time=0.0)

@@ -30,7 +30,6 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -48,7 +47,7 @@ from .cases import (
 from .flops import counted_flops
 from .memory import forkserver_context, peak_memory_here, run_fresh
 from .scaling import fit_exponent, project
-from .timing import case_time, release_heap, steady_allocator, timed_quietly
+from .timing import Timing, case_time, pool, release_heap, steady_allocator, timed_quietly
 
 __all__ = ["Config", "run_sweep", "run_stress", "run_profile", "scaling_fits"]
 
@@ -315,15 +314,10 @@ def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config, bra
 
 
 def _joined(a: dict, b: dict) -> dict:
-    """Two timings of the same case in one process as one round: every block of both."""
-    times = list(a["times"]) + list(b["times"])
-    loads = [x for x in (a.get("other_load"), b.get("other_load")) if x is not None]
-    return {**a, "times": times, "median": statistics.median(times),
-            "iqr": max(times) - min(times), "number_per_block": max(a["number_per_block"], b["number_per_block"]),
-            "warmup": a["warmup"] + b["warmup"], "other_load": max(loads) if loads else None,
-            "faulted_blocks": list(a.get("faulted_blocks", ())) + list(b.get("faulted_blocks", ())),
-            **{k: max((x[k] for x in (a, b) if x.get(k) is not None), default=None) for k in ("page_faults", "fresh_bytes")},
-            "wall_s": a["wall_s"] + b["wall_s"], "bracketed": True}
+    """Two timings of the same case in one process as one round: every block of both
+    (:func:`attnkit.bench.timing.pool`)."""
+    both = pool([Timing(**{k: x[k] for k in Timing.__dataclass_fields__ if k in x}) for x in (a, b)])
+    return {**a, **both.as_dict(), "wall_s": a["wall_s"] + b["wall_s"], "bracketed": True}
 
 
 class _Visits:

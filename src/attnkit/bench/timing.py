@@ -180,19 +180,27 @@ def time_callable(
 def pool(timings: list[Timing]) -> Timing:
     """One :class:`Timing` from several measurements of the same callable (e.g. taken in
     rounds, so that a slow spell of the machine does not land on one case only): the
-    median and IQR of all their blocks together; ``other_load`` is the largest."""
+    median and IQR of all their blocks together; ``other_load``, ``page_faults`` and
+    ``fresh_bytes`` are the largest known, ``faulted_blocks`` all of them."""
     if not timings:
         raise ValueError("pool: no timings")
     times = [t for timing in timings for t in timing.times]
     q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-    loads = [t.other_load for t in timings if t.other_load is not None]
+
+    def largest(name):
+        known = [getattr(t, name) for t in timings if getattr(t, name) is not None]
+        return max(known) if known else None
+
     return Timing(
         median=statistics.median(times),
         iqr=q3 - q1,
         times=tuple(times),
         number_per_block=max(t.number_per_block for t in timings),
         warmup=sum(t.warmup for t in timings),
-        other_load=max(loads) if loads else None,
+        other_load=largest("other_load"),
+        page_faults=largest("page_faults"),
+        faulted_blocks=tuple(b for t in timings for b in t.faulted_blocks),
+        fresh_bytes=largest("fresh_bytes"),
     )
 
 
