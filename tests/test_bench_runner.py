@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import platform
 import statistics
 import time
@@ -22,7 +23,7 @@ from attnkit.bench.memory import forkserver_context, measure_peak
 from .test_bench_measure import alloc_free_case
 from attnkit.bench.plots import pareto_front
 from attnkit.bench.report import compare, ratio_agreement, seed_summary
-from attnkit.bench.runner import Config, _Visits, pool_rounds, replace_config, run_stress, run_sweep
+from attnkit.bench.runner import Config, _Sampler, _Visits, pool_rounds, replace_config, run_stress, run_sweep
 from attnkit.bench.scaling import break_even, fit_exponent, project
 from attnkit.bench.timing import huge_pages
 from attnkit.core.reference import reference_attention
@@ -124,11 +125,14 @@ def _tiny(**kw) -> Config:
     return Config(**{**base, **kw})
 
 
-def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
+def test_each_case_is_timed_in_rounds_of_the_timing_process_and_rounds_pool():
     res = run_sweep(_tiny(ns=[32], rounds=3))
     for row in res["cases"]:
         t = row["time"]
-        assert t["process"] == "fresh" and len(t["rounds"]) == 3
+        assert t["process"] == "timing" and len(t["rounds"]) == 3
+        # one process times every round and keeps the case warm: no warm-up after the first
+        assert [r["process_visit"] for r in t["rounds"]] == [1, 2, 3]
+        assert t["rounds"][0]["warmup"] >= 1 and all(r["warmup"] == 0 for r in t["rounds"][1:])
         medians = sorted(r["median"] for r in t["rounds"])
         assert t["median"] == medians[0] and t["iqr"] == medians[2] - medians[0]
         assert len(t["times"]) == sum(len(r["times"]) for r in t["rounds"])
@@ -136,7 +140,7 @@ def test_each_case_is_timed_in_fresh_processes_and_rounds_pool_by_median():
     assert pool_rounds([{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1, "other_load": 0.0},
                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1, "other_load": 0.2}]
                        ) == {"best": 1.0, "median": 1.0, "iqr": 2.0, "times": [1.0, 3.0, 3.0], "number_per_block": 2, "warmup": 2,
-                             "other_load": 0.2, "page_faults": None, "fresh_bytes": None, "process": "fresh",
+                             "other_load": 0.2, "page_faults": None, "fresh_bytes": None, "process": "timing",
                              "rounds": [{"median": 1.0, "times": [1.0], "number_per_block": 1, "warmup": 1,
                                          "other_load": 0.0},
                                         {"median": 3.0, "times": [3.0, 3.0], "number_per_block": 2, "warmup": 1,
@@ -174,19 +178,38 @@ def test_a_visit_times_the_sdpa_baseline_first_and_last_as_one_round():
     assert len(base[1]["times"]) >= 2 * 2 and base[1]["median"] == statistics.median(base[1]["times"])
 
 
+def test_the_timing_process_keeps_cases_warm_and_a_new_one_follows_one_that_died():
+    cfg = _tiny(ns=[32])
+    case = Case("vanilla", cfg.preset, 32, "fp32", "fwd")
+    sampler = _Sampler(forkserver_context(("attnkit.bench.runner",)), 0, 1)
+    try:
+        (a,), why = sampler.time([case], cfg, bracket=False, trim=True, timeout=120)
+        (b,), _ = sampler.time([case], cfg, bracket=False, trim=False, timeout=120)
+        assert why is None and (a["process_visit"], b["process_visit"]) == (1, 2)
+        assert a["warmup"] >= 1 and b["warmup"] == 0  # warm: timed at once
+        sampler.proc.kill()  # as the out-of-memory killer would
+        got, why = sampler.time([case], cfg, bracket=False, trim=False, timeout=120)
+        assert got is None and "exited with code -9" in why and "out-of-memory" in why
+        (c,), why = sampler.time([case], cfg, bracket=False, trim=False, timeout=120)
+        assert why is None and c["process_visit"] == 1 and c["warmup"] >= 1  # a new process, cold again
+    finally:
+        sampler.close()
+    assert sampler.proc is None
+
+
 def test_visits_stop_at_the_run_budget_and_say_which_cases_got_fewer_than_rounds():
     cfg = _tiny(ns=[32], rounds=1, max_rounds=1)
     res = run_sweep(cfg)  # no visits
     assert all(len(r["time"]["rounds"]) == 1 and "rounds_skipped" not in r["time"] for r in res["cases"])
     # the same rows, due two visits each, in a run whose budget ran out a second ago
     cfg = replace_config(cfg, rounds=3, max_rounds=3, run_budget_s=100.0)
-    visits = _Visits(cfg, "spawn", started=time.monotonic() - 101.0)
+    visits = _Visits(cfg, _Sampler(multiprocessing.get_context("spawn"), 0, 1), started=time.monotonic() - 101.0)
     for row in res["cases"]:
         visits.add(row, Case(row["method"], cfg.preset, row["n"], row["dtype"], row["mode"]))
     visits.to_the_end()
     for row in res["cases"]:
         assert len(row["time"]["rounds"]) == 1
-        assert row["time"]["rounds_skipped"] == "1 of 3 processes: not enough of the run budget left"
+        assert row["time"]["rounds_skipped"] == "1 of 3 rounds: not enough of the run budget left"
 
 
 def test_cases_over_the_time_budget_are_skipped_with_the_projection():

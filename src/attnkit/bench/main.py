@@ -35,10 +35,10 @@ PROFILES = {
     "time_budget_s": (1.0, 1.5, 60.0),
     "retries": (0, 1, 1),
     "run_budget_s": (40.0, 540.0, None),
-    "repeats": (2, 3, 5),
+    "repeats": (2, 1, 5),
     "min_run_time": (0.05, 0.05, 0.5),
     "rounds": (1, 2, 3),
-    "max_rounds": (1, 8, 3),
+    "max_rounds": (1, 16, 3),
     "accuracy_max_n": (512, 4096, 4096),
     "prob_max_n": (512, 1024, 1024),
     "flop_check_max_n": (256, 1024, 1024),
@@ -81,14 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "budget (an hour or more on 2 CPU cores)")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup", type=int, default=1, help="warm-up calls before timing (default 1)")
-    g.add_argument("--repeats", type=int, help="measured blocks per slow case (default 3; --quick 2; --full 5)")
+    g.add_argument("--repeats", type=int, help="measured blocks per slow case in round one (default 1, as in a "
+                   "visit: the spread comes from the rounds; --quick 2, one round only; --full 5)")
     g.add_argument("--min-run-time", type=float, help="least measured seconds per case and process (default 0.05; "
                    "--full 0.5)")
-    g.add_argument("--rounds", type=int, help="fresh processes each case is timed in where the run budget allows: its "
-                   "own, then visits that time all cases of one N, dtype and mode in one process, spread over the run "
-                   "(default 2; --quick 1; --full 3)")
+    g.add_argument("--rounds", type=int, help="rounds each case is timed in where the run budget allows: its own "
+                   "fresh process, then visits that time all cases of one N, dtype and mode in turn, spread over the "
+                   "run, in one process kept for all visits (default 2; --quick 1; --full 3)")
     g.add_argument("--max-rounds", type=int, help="visits go on within the run budget until each case has this many "
-                   "processes (default 8; --quick 1; --full 3)")
+                   "rounds (default 16; --quick 1; --full 3)")
     g.add_argument("--quiet-wait", type=float, default=0.0,
                    help="seconds to wait at most, before each timing, for other processes to calm down (default 0)")
     g.add_argument("--quiet-load", type=float, default=0.25, help="'calm': others use at most this share of the CPU")

@@ -114,9 +114,17 @@ def _fit(report, label, dtype, mode, what):
     return None
 
 
+def _timing_process(report: dict) -> bool:
+    """Whether ``report`` was timed in one timing process kept for the whole run (else, in
+    results written before it, each case in a fresh process of its own, then visits in one
+    fresh process each)."""
+    return any((row.get("time") or {}).get("process") == "timing" for row in report["cases"])
+
+
 def _processes(report: dict) -> list[int]:
-    """How many fresh processes timed each case that was timed in fresh processes."""
-    return [len(r["time"].get("rounds", [])) for r in report["cases"] if r.get("time", {}).get("process") == "fresh"]
+    """How many rounds (its own fresh process, then visits) timed each case timed outside the sweep's process."""
+    return [len(r["time"].get("rounds", [])) for r in report["cases"]
+            if r.get("time", {}).get("process") in ("timing", "fresh")]  # "fresh": results written before the timing process
 
 
 def _rounds_text(report: dict) -> str:
@@ -126,16 +134,19 @@ def _rounds_text(report: dict) -> str:
     if most <= 1:
         return ""
     got = _processes(report)
+    kept = _timing_process(report)
     if "visit_gap_s" not in c:  # results written before the visits: later rounds per case
         text = f" in each of {least} fresh processes (up to {most} for a cheap case) within the run budget"
     else:
-        text = (f" in a fresh process of its own, then in visits until it has {most} processes where the run budget "
-                "allows: a visit is one fresh process that times every case of one N, dtype and mode in turn (torch "
-                f"SDPA first and again last), each after its own warm-up, {c.get('visit_repeats', 1)} settled block(s) each, or about "
-                f"{c.get('visit_run_time', 0.02):g} s of a fast call; visits run while the sweep goes on (in up to "
+        text = (("" if kept else " in a fresh process of its own")
+                + f", then in visits until it has {most} rounds where the run budget "
+                "allows: a visit times every case of one N, dtype and mode in turn (torch SDPA first and again last)"
+                + (", a warm case at once; " if kept else " in a fresh process, each case after its own warm-up; ")
+                + f"{c.get('visit_repeats', 1)} block(s) of a slow call or about "
+                f"{c.get('visit_run_time', 0.02):g} s of a fast one; visits run while the sweep goes on (in up to "
                 f"{c.get('visit_share', 0):.0%} of its time, at each new N and dtype) and after it, the group with the "
-                f"fewest processes first, each group at least {c.get('visit_gap_s'):g} s after its last, so that a "
-                "case's samples spread over minutes (the machine's slow spells last one to three: "
+                f"fewest rounds first, each group at least {c.get('visit_gap_s'):g} s after its last, so that a "
+                "case's samples spread over minutes (the machine's slow spells last from seconds to minutes: "
                 "benchmarks/host_drift.py)")
     text += f": {sum(g >= least for g in got)} of {len(got)} cases got at least {least}"
     if most > least and got:
@@ -162,19 +173,25 @@ def render_markdown(report: dict) -> str:
         f"- **Time**: `torch.utils.benchmark` `blocked_autorange` after {c['warmup']} warm-up call(s), more until "
         "a call takes (next to) no page faults and no fresh memory (at most 8 more); calls slower than 50 ms are "
         "timed one per block and a block that took fresh memory is re-taken (kept in results.json as "
-        f"`faulted_blocks`), since it timed the kernel handing the process memory; at least {c['repeats']} blocks "
-        f"(more for fast calls, at least {c['min_run_time']} s)"
-        + _rounds_text(report) + ". The time shown is the fastest block of any process (a block is one call, or "
+        f"`faulted_blocks`), since it timed the kernel handing the process memory; at least {c['repeats']} block(s) "
+        f"in round one (more for fast calls, at least {c['min_run_time']} s)"
+        + _rounds_text(report) + ". The time shown is the fastest block of any round (a block is one call, or "
         "the mean of a few fast calls): interference only slows a call down, and on a shared machine it comes and "
-        "goes within a second; beside it, the lowest of the processes' median ± their range (one process: "
+        "goes within seconds; beside it, the lowest of the rounds' median ± their range (one round: "
         "median ± interquartile range). Ratios and --compare use the fastest block; "
         "forward under `torch.no_grad()`, forward+backward into q, k, v with fresh gradients each call; CUDA is "
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
-        + " Each case is first timed in a fresh process of its own, right after its memory is measured there "
-          "(forked from the clean server; compiled cases in the sweep's process), so that no case's time depends on "
-          "what ran before it" + ("; in a visit, each case is warmed up and settled again after the one before it"
-                                  if "visit_gap_s" in c and (c.get("max_rounds") or 1) > 1 else "") + "."
+        + (" Every case is timed in the timing process, one process kept for the whole run (forked from the clean "
+           "server; compiled cases in the sweep's process), which keeps each case's inputs, and the heap its calls "
+           "grew, from one round to the next; round one comes right after the case's memory is measured in a fresh "
+           "process of its own. With the steady allocator a call reuses warm heap pages whatever ran before it"
+           if _timing_process(report) else
+           " Each case is first timed in a fresh process of its own, right after its memory is measured there "
+           "(forked from the clean server; compiled cases in the sweep's process), so that no case's time depends on "
+           "what ran before it" + ("" if "visit_gap_s" not in c or (c.get("max_rounds") or 1) <= 1 else
+                                   "; in a visit, each case is warmed up and settled again after the one before it"))
+        + "."
         + (f" Allocator: {m['allocator']} (see `attnkit.bench.timing.steady_allocator` and `huge_pages`)." if m.get("allocator") else ""),
         "- **Peak memory**: " + (
             "`torch.cuda.max_memory_allocated()` after a reset, minus what was allocated before the call"

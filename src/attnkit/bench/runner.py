@@ -10,15 +10,16 @@ ones), the runner
    ``mem_budget_bytes`` or what is left of ``run_budget_s``;
 3. counts its FLOPs with ``FlopCounterMode`` at small N (cross-check of the formula),
    then, in a fresh process of its own (:func:`attnkit.bench.memory.run_fresh`, forked
-   from a clean server), measures its peak extra memory (the first call) and times it
-   (:func:`attnkit.bench.timing.time_callable`, every block kept as a raw sample);
-   compiled cases are timed in the sweep's process.  A fresh process per case makes each
-   case independent of what ran before it: in one long process the same call's time
-   depended on the allocation history (measured: vanilla attention's forward at
-   N=1024 fp32 took 24 ms in one run and 40 ms in the next, math's at 4096 1.76 s and
-   0.48 s, each steady within its run); forked children from the clean server repeat
-   within 3%; later, *visits* (:class:`_Visits`) time every case of one (N, dtype, mode)
-   in one more fresh process, spread over the run;
+   from a clean server), measures its peak extra memory (the first call), and times it
+   in the timing process (:class:`_Sampler`; :func:`attnkit.bench.timing.time_callable`,
+   every block kept as a raw sample); compiled cases are timed in the sweep's process.
+   Every measuring process has the steady allocator
+   (:func:`attnkit.bench.timing.steady_allocator`): without it, in one long process the
+   same call's time depended on the allocation history (measured: vanilla attention's
+   forward at N=1024 fp32 took 24 ms in one run and 40 ms in the next, math's at 4096
+   1.76 s and 0.48 s, each steady within its run).  Later, *visits* (:class:`_Visits`)
+   time every case of one (N, dtype, mode) again in the timing process, spread over the
+   run;
 4. measures, once per method × N × dtype, its error against the float64 reference on
    structured inputs (output, gradients, and the implied attention matrix at small N).
 
@@ -30,6 +31,8 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -69,11 +72,11 @@ class Config:
         run_budget_s: skip what would not finish within this many seconds of the start.
         accuracy_max_n / prob_max_n / flop_check_max_n: the largest N at which errors,
             implied-probability errors and counted FLOPs are measured.
-        rounds: fresh processes each case is timed in where the run budget allows: its
-            own (with its memory), then visits (:class:`_Visits`); pooled by
-            :func:`pool_rounds`.
+        rounds: rounds each case is timed in where the run budget allows: round one
+            right after its memory is measured, then visits (:class:`_Visits`), all in
+            the timing process (:class:`_Sampler`); pooled by :func:`pool_rounds`.
         max_rounds: visits go on, within the run budget, until each case has this many
-            processes (None or fewer than ``rounds`` means ``rounds``).
+            rounds (None or fewer than ``rounds`` means ``rounds``).
         visit_repeats / visit_run_time: a visit's measured blocks per slow case, and its
             least measured seconds per fast one.
         visit_gap_s: a group is visited again after at least this many seconds (unless
@@ -231,7 +234,7 @@ def _projection_check(case: Case, cfg: Config, hist: _History, started: float) -
     return proj, None
 
 
-def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
+def _measure_case(case: Case, cfg: Config, mem_ctx, sampler: _Sampler | None) -> dict:
     row: dict = {"status": "ok"}
     if case.compiled:  # measured here: a fresh process would compile again
         fn = make_call(case, cfg.seed)
@@ -245,33 +248,31 @@ def _measure_case(case: Case, cfg: Config, mem_ctx) -> dict:
         if case.n <= cfg.flop_check_max_n:
             row["flops_counted"] = counted_flops(make_call(case, cfg.seed))
             gc.collect()
-        if cfg.memory or cfg.timing:
-            got, why = _in_fresh_process(case, cfg, mem_ctx)
+        if cfg.memory:
+            got, why = run_fresh(_memory_in_child, case, cfg.seed, torch.get_num_threads(), context=mem_ctx,
+                                 timeout=300 + 30 * cfg.time_budget_s, quiet=True)
             if why is not None:
                 return {**row, "status": "error", "reason": f"measuring process: {why}"}
-            row.update(got)
-            if "time" in row:
-                row["time"] = pool_rounds([row["time"]])
-            if "memory" in row and row["memory"].get("error"):
-                row["status"], row["reason"] = "error", f"memory: {row['memory']['error']}"
+            row["memory"] = got
+            if got.get("error"):
+                row["status"], row["reason"] = "error", f"memory: {got['error']}"
+        if cfg.timing and sampler is not None:
+            # round one of its time, in the timing process (trimmed after: round one of the
+            # next case measures memory in a process of its own, and accuracy needs it too)
+            got, why = sampler.time([case], cfg, bracket=False, trim=True, timeout=300 + 30 * cfg.time_budget_s)
+            if why is not None or "error" in got[0]:
+                return {**row, "status": "error", "reason": f"timing process: {why or got[0]['error']}"}
+            row["time"] = pool_rounds(got)
     if "time" in row:
         row["time"].setdefault("best", min(row["time"]["times"]))
         row["tokens_per_s"] = case.preset.batch * case.n / case_time(row["time"])
     return row
 
 
-def _in_fresh_process(case: Case, cfg: Config, mem_ctx) -> tuple[dict | None, str | None]:
-    """:func:`_case_in_child` in a fresh process (:func:`run_fresh`): (result, None) or (None, why)."""
-    return run_fresh(_case_in_child, case, cfg.seed, torch.get_num_threads(), cfg, context=mem_ctx,
-                     timeout=300 + 30 * cfg.time_budget_s, quiet=True)
-
-
-def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
-    """One case in a fresh process of its own: first its peak memory (the first call, from
-    the clean state; when ``cfg.memory``), then its time (:func:`timed_quietly`, after its
-    own warm-up), with the parent's thread count and the steady allocator.  Nothing is
-    touched ahead of the calls: the warm-up's settling calls (:func:`time_callable`) run
-    until a call takes no page faults, and a slow call's block that faulted is re-taken.
+def _memory_in_child(case: Case, seed: int, threads: int) -> dict:
+    """One case's peak memory, in a fresh process of its own: the first call, from the
+    clean state, with the parent's thread count and the steady allocator; timing is the
+    timing process's (:class:`_Sampler`).  Nothing is touched ahead of the call.
     (Touching twice the call's peak first, as this did before, cost more than it saved:
     on this project's VM fresh memory costs 0.3-2.5 s per GiB -- the host backs the
     guest's pages on first touch -- and glibc's heap still grew past it: math's
@@ -279,30 +280,28 @@ def _case_in_child(case: Case, seed: int, threads: int, cfg: Config) -> dict:
     without, for a call whose peak is 4.5 GB.)"""
     steady_allocator()
     torch.set_num_threads(threads)
-    fn = make_call(case, seed)
-    out = {}
-    if cfg.memory:
-        out["memory"] = peak_memory_here(fn, device=case.device).as_dict()
-    if cfg.timing:
-        start = time.monotonic()
-        out["time"] = {**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start}
-    return out
+    return peak_memory_here(make_call(case, seed), device=case.device).as_dict()
 
 
-def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config, bracket: bool = False) -> list[dict]:
-    """One visit (:class:`_Visits`): every case of ``cases`` timed in turn in this one fresh
-    process, each after its own warm-up and settling (:func:`timed_quietly`), with the
-    parent's thread count and the steady allocator.  With ``bracket``, the first case is
-    timed again after the last, and its two timings are one round (:func:`_joined`).  A
-    case that raises gets ``{"error": why}`` and the others go on."""
-    steady_allocator()
-    torch.set_num_threads(threads)
+def _time_group(cases: list[Case], seed: int, cfg: Config, calls: dict, bracket: bool = False) -> list[dict]:
+    """One visit (:class:`_Visits`): every case of ``cases`` timed in turn in the calling
+    process.  A case this process has not run yet is built and timed after its own warm-up
+    and settling (:func:`timed_quietly`); one it has run before (``calls``: case key ->
+    (callable, its last median)) is warm -- its inputs and the heap its calls grew are
+    still there -- and is timed at once (``process_visit``: the how-manieth time this
+    process times the case).  With ``bracket``, the first case is timed again
+    after the last, and its two timings are one round (:func:`_joined`).  A case that
+    raises gets ``{"error": why}`` and the others go on."""
     out = []
     for case in cases + cases[:1] * (bracket and len(cases) > 1):
         start = time.monotonic()
         try:
-            fn = make_call(case, seed)
-            out.append({**timed_quietly(fn, cfg), "wall_s": time.monotonic() - start, "cases_in_process": len(cases)})
+            known = calls.get(case.key())
+            fn = make_call(case, seed) if known is None else known[0]
+            t = timed_quietly(fn, cfg) if known is None else timed_quietly(fn, replace(cfg, warmup=0), expect=known[1])
+            visit = 1 if known is None else known[2] + 1
+            calls[case.key()] = (fn, t["median"], visit)
+            out.append({**t, "wall_s": time.monotonic() - start, "cases_in_process": len(cases), "process_visit": visit})
             del fn
         except Exception as e:  # reported for this case only
             out.append({"error": f"{type(e).__name__}: {e}"})
@@ -313,6 +312,91 @@ def _group_in_child(cases: list[Case], seed: int, threads: int, cfg: Config, bra
     return out
 
 
+def _sampler_loop(conn, seed: int, threads: int) -> None:
+    """The timing process (:class:`_Sampler`): times what the sweep sends, ``(cases, opts,
+    bracket, trim)``, and sends back :func:`_time_group`'s rows, until it gets None.  With
+    ``trim`` it gives its free heap back afterwards (while the sweep still measures memory
+    and accuracy, which need it)."""
+    gc.freeze()  # what the process inherited is never garbage (see memory._child)
+    devnull = os.open(os.devnull, os.O_WRONLY)  # the result comes back by pipe
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    steady_allocator()
+    torch.set_num_threads(threads)
+    calls: dict = {}
+    while (msg := conn.recv()) is not None:
+        cases, opts, bracket, trim = msg
+        conn.send(_time_group(cases, seed, opts, calls, bracket))
+        if trim:
+            release_heap()
+    conn.close()
+    os._exit(0)  # skip interpreter teardown (torch's takes most of a second)
+
+
+class _Sampler:
+    """The timing process: one process, forked from the sweep's clean server when the
+    first case is timed, that times every case of the run -- round one right after the
+    case's memory is measured in a fresh process of its own, then every visit
+    (:class:`_Visits`) -- and keeps each case's inputs from one timing to the next
+    (:func:`_sampler_loop`).  Like every measuring process it has the steady allocator, so
+    a call reuses warm heap pages whatever ran before it.
+
+    Why one process: a visit in a fresh process paid a warm-up and settling calls for
+    every case -- two to three calls for each one it timed -- and the first visit of a
+    warm process still pays them once, so a run had room for two or three visits per
+    case.  On this project's 2-core VM that is too few: a memory-bound call's speed
+    switches between two levels for spells of one to ten seconds (Nystrom's forward at
+    N=1024 bf16, timed in 0.1 s chunks in one process: 5.8-6.4 ms for a spell, then
+    7.2-7.5 ms, then back; torch SDPA in the same kind of chunks 20.1-21.6 ms), so the
+    fastest block of three or four short visits was at the slow level in all of them
+    often enough to move a ratio by 20-35% between runs.  Warm, a visit costs one block
+    per case."""
+
+    def __init__(self, ctx, seed: int, threads: int):
+        self.ctx, self.args = ctx, (seed, threads)
+        self.proc = self.conn = None
+
+    def time(self, cases: list[Case], opts: Config, bracket: bool, trim: bool,
+             timeout: float) -> tuple[list | None, str | None]:
+        """:func:`_time_group` in the timing process, with ``opts`` (warm-up, repeats...):
+        (its rows, None), or (None, why) when the process died or timed out (it is gone
+        then; the next call starts a new one, which warms each case up again)."""
+        if self.proc is None:
+            self.conn, child = self.ctx.Pipe()
+            self.proc = self.ctx.Process(target=_sampler_loop, args=(child, *self.args), daemon=True)
+            self.proc.start()
+            child.close()  # so that recv sees EOF if the process dies
+        try:
+            self.conn.send((cases, opts, bracket, trim))
+            if self.conn.poll(timeout):
+                return self.conn.recv(), None
+            why = f"timed out after {timeout:.0f} s"
+        except (EOFError, OSError):
+            why = None
+        self.close(kill=True)
+        if why is None:
+            why = f"the measuring process exited with code {self.proc_code}"
+            if self.proc_code is not None and self.proc_code < 0:
+                why += " (killed by a signal; -9 is usually the out-of-memory killer)"
+        return None, why
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if not kill:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.proc.join(timeout=0.1 if kill else 5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.proc_code = self.proc.exitcode
+        self.conn.close()
+        self.proc = self.conn = None
+
+
 def _joined(a: dict, b: dict) -> dict:
     """Two timings of the same case in one process as one round: every block of both
     (:func:`attnkit.bench.timing.pool`)."""
@@ -321,37 +405,37 @@ def _joined(a: dict, b: dict) -> dict:
 
 
 class _Visits:
-    """More fresh processes for the cases measured so far, spread over the run.
+    """More timings of the cases measured so far, spread over the run.
 
-    A *visit* is one fresh process that times every case of one (N, dtype, mode) group in
-    turn -- SDPA with the methods it is compared with -- after its own warm-up, one
-    settled block each for a slow call (``cfg.visit_repeats``) and about
-    ``cfg.visit_run_time`` seconds of blocks for a fast one.  torch SDPA
-    (:data:`BASELINE`), which every ratio of the group divides by, is timed first and
-    again last, so that one slow moment of it does not move all of them: in run Z of
-    ``bench_stability.md`` both of its processes at N=4096 fp32 ran 371-379 ms, where
-    attnkit's ``sdpa`` route to the same kernel ran 321 ms, and seven ratios moved 15-27%.  Each visit is a round of
-    each of its cases (:func:`pool_rounds`), and every round records when it ran
-    (``at_s``, seconds from the start of the sweep).
+    A *visit* times every case of one (N, dtype, mode) group in turn -- SDPA with the
+    methods it is compared with -- in the visits' own process (:class:`_Sampler`): a case
+    it has not run yet after its own warm-up and settling, a warm one at once; one
+    block each for a slow call (``cfg.visit_repeats``) and about ``cfg.visit_run_time``
+    seconds of blocks for a fast one.  torch SDPA (:data:`BASELINE`), which every ratio
+    of the group divides by, is timed first and again last, so that one slow moment of
+    it does not move all of them: in run Z of ``bench_stability.md`` both of its
+    processes at N=4096 fp32 ran 371-379 ms, where attnkit's ``sdpa`` route to the same
+    kernel ran 321 ms, and seven ratios moved 15-27%.  Each visit is a round of each of
+    its cases (:func:`pool_rounds`), and every round records when it ran (``at_s``,
+    seconds from the start of the sweep).
 
     Why: on this project's 2-core VM the machine itself moves a memory-bound kernel's
-    time against a compute-bound one's by 20-40% for spells of one to three minutes
-    (``benchmarks/host_drift.py``: method/SDPA ratios, sampled every 3.5 s in one
-    process, ranged 30-41% max/min; the lowest ratio in each minute held within 2.5-13%).
-    The fastest block is a steady figure only where a case was sampled on both sides of
-    such spells, so the samples must be spread over minutes, and as many as possible
-    must fit in the run budget.  A visit pays one process start for a whole group
-    instead of one per case, and its cases reuse the heap the first one grew.
+    time against a compute-bound one's by 20-40%, for spells of seconds
+    (:class:`_Sampler`) and of minutes (``benchmarks/host_drift.py``: method/SDPA ratios,
+    sampled every 3.5 s in one process, ranged 30-41% max/min; the lowest ratio in each
+    minute held within 2.5-13%).  The fastest block is a steady figure only where a case
+    was sampled on both sides of such spells, so the samples must be spread over
+    minutes, and as many as possible must fit in the run budget.
 
     When: while the sweep goes on, at each change of (N, dtype), in up to
     ``cfg.visit_share`` of the time gone so far; after it, in what is left of the run
     budget.  Each time, the group that is due -- a case with fewer than
-    ``cfg.max_rounds`` processes, last visited at least ``cfg.visit_gap_s`` ago -- with
-    the fewest processes so far goes first, the cheapest of those first, and only if
-    its visit (the last one's wall time, or an estimate from its cases' times) fits."""
+    ``cfg.max_rounds`` rounds, last visited at least ``cfg.visit_gap_s`` ago -- with
+    the fewest rounds so far goes first, the cheapest of those first, and only if its
+    visit (the last one's wall time, or an estimate from its cases' times) fits."""
 
-    def __init__(self, cfg: Config, mem_ctx, started: float):
-        self.cfg, self.mem_ctx, self.started = cfg, mem_ctx, started
+    def __init__(self, cfg: Config, sampler: _Sampler, started: float):
+        self.cfg, self.sampler, self.started = cfg, sampler, started
         self.groups: dict[tuple, list[tuple[dict, Case]]] = {}
         self.last: dict[tuple, float] = {}  # when each group's cases were last timed
         self.cost: dict[tuple, float] = {}  # the wall time of each group's last visit
@@ -362,8 +446,8 @@ class _Visits:
                             min_run_time=min(cfg.min_run_time, cfg.visit_run_time))
 
     def add(self, row: dict, case: Case) -> None:
-        """A case just measured in its own fresh process (round one)."""
-        if row["status"] == "ok" and row.get("time", {}).get("process") == "fresh":
+        """A case just measured (round one)."""
+        if row["status"] == "ok" and row.get("time", {}).get("process") == "timing":
             key = (case.n, case.dtype, case.mode)
             self.groups.setdefault(key, []).append((row, case))
             self.last[key] = time.monotonic()
@@ -392,7 +476,7 @@ class _Visits:
                 best = (rank, key)
         return None if best is None else best[1]
 
-    def _visit(self, key) -> float:
+    def _visit(self, key, trim: bool) -> float:
         self.visits[key] = self.visits.get(key, 0) + 1
         due = self._due(key)[:: 1 if self.visits[key] % 2 else -1]  # so that no case always runs first
         # the baseline every ratio of the group divides by goes first and last
@@ -400,15 +484,14 @@ class _Visits:
         due = base + [rc for rc in due if rc[1].method != BASELINE]
         cases = [case for _, case in due]
         start = time.monotonic()
-        got, why = run_fresh(_group_in_child, cases, self.cfg.seed, torch.get_num_threads(), self.opts, bool(base),
-                             context=self.mem_ctx, timeout=300 + 30 * self.cfg.time_budget_s * (len(cases) + 1), quiet=True)
+        got, why = self.sampler.time(cases, self.opts, bool(base), trim, timeout=300 + 30 * self.cfg.time_budget_s * (len(cases) + 1))
         took = time.monotonic() - start
         self.last[key], self.cost[key] = time.monotonic(), took
         for (row, case), t in zip(due, got or []):
             if "error" not in t:
                 row["time"] = pool_rounds(row["time"]["rounds"] + [{**t, "at_s": start - self.started}])
                 row["tokens_per_s"] = case.preset.batch * case.n / case_time(row["time"])
-        if why is not None:  # the process failed as a whole: no more visits for this group
+        if why is not None:  # the process failed as a whole: no more visits for this group (a new process for the rest)
             for row, _ in due:
                 row["time"]["visit_error"] = why
             self.failed.add(key)
@@ -421,11 +504,11 @@ class _Visits:
             key = self._pick(room, gap=True)
             if key is None:
                 return
-            self.spent += self._visit(key)
+            self.spent += self._visit(key, trim=True)  # round one and accuracy still need the memory
 
     def to_the_end(self) -> None:
         """Visit groups in what is left of the run budget (without one: until every case has
-        ``cfg.max_rounds`` processes); when no group is past the gap, the one visited longest
+        ``cfg.max_rounds`` rounds); when no group is past the gap, the one visited longest
         ago goes next rather than waiting."""
         while True:
             left = (float("inf") if self.cfg.run_budget_s is None
@@ -436,16 +519,16 @@ class _Visits:
                 if not waiting:
                     break
                 key = min(waiting, key=lambda k: self.last[k])
-            self._visit(key)
+            self._visit(key, trim=False)
         for key in self.groups:
             for row, _ in self.groups[key]:
                 if len(row["time"]["rounds"]) < self.cfg.rounds:
-                    row["time"]["rounds_skipped"] = (f"{len(row['time']['rounds'])} of {self.cfg.rounds} processes: "
+                    row["time"]["rounds_skipped"] = (f"{len(row['time']['rounds'])} of {self.cfg.rounds} rounds: "
                                                      "not enough of the run budget left")
 
 
 def pool_rounds(rounds: list[dict]) -> dict:
-    """One timing from several rounds of the same case (each a fresh process): the
+    """One timing from several rounds of the same case (round one and the visits): the
     fastest block of any round as ``best`` (the figure the report shows and compares), the
     lowest of the rounds' medians as ``median``, their range (max - min) as ``iqr``, every
     block kept.
@@ -465,7 +548,7 @@ def pool_rounds(rounds: list[dict]) -> dict:
             "number_per_block": max(r["number_per_block"] for r in rounds), "warmup": sum(r["warmup"] for r in rounds),
             "other_load": max(loads) if loads else None,
             **{k: max((r[k] for r in rounds if r.get(k) is not None), default=None) for k in ("page_faults", "fresh_bytes")},
-            "process": "fresh", "rounds": rounds}
+            "process": "timing", "rounds": rounds}
 
 
 # -- accuracy ---------------------------------------------------------------------------
@@ -547,7 +630,9 @@ def run_sweep(cfg: Config) -> dict:
                else cfg.memory_context)
     rows, acc_rows = [], []
     bar = _Progress(len(cases), cfg.progress, "attnkit bench")
-    visits = _Visits(cfg, mem_ctx, started) if cfg.max_rounds > 1 and cfg.timing else None
+    ctx = multiprocessing.get_context(mem_ctx) if isinstance(mem_ctx, str) else mem_ctx
+    sampler = _Sampler(ctx, cfg.seed, torch.get_num_threads()) if cfg.timing else None
+    visits = _Visits(cfg, sampler, started) if cfg.max_rounds > 1 and cfg.timing else None
     _warm_process(cfg)
     # The sweep collects garbage after every case (cycles can hold tensors); what exists
     # now -- torch, attnkit and their modules -- is not garbage, and leaving it out cut each
@@ -572,7 +657,7 @@ def run_sweep(cfg: Config) -> dict:
                 else:
                     case_start = time.monotonic()
                     try:
-                        row.update(_measure_case(case, cfg, mem_ctx))
+                        row.update(_measure_case(case, cfg, mem_ctx, sampler))
                     except Exception as e:  # one failing case must not stop the sweep; it is reported
                         row.update(status="error", reason=f"{type(e).__name__}: {e}")
                     row["wall_s"] = time.monotonic() - case_start
@@ -597,6 +682,8 @@ def run_sweep(cfg: Config) -> dict:
         if visits is not None:
             visits.to_the_end()
     finally:
+        if sampler is not None:
+            sampler.close()
         bar.close()
         gc.unfreeze()
     return {"cases": rows, "accuracy": acc_rows, "fits": scaling_fits(rows, cfg)}

@@ -87,6 +87,7 @@ def time_callable(
     num_threads: int | None = None,
     label: str = "",
     settle: int = 8,
+    expect: float | None = None,
 ) -> Timing:
     """Time ``fn()``: warm-up, settling, then ``Timer.blocked_autorange``.
 
@@ -110,6 +111,9 @@ def time_callable(
             then timed one per block, and a block that did not settle is re-taken, up to
             ``settle`` times (its time is kept in ``faulted_blocks``; if fewer than
             ``repeats`` blocks ran clean, every block counts).
+        expect: a call's time measured before in this process.  With ``warmup=0`` it
+            stands in for the warm-up call's (which decides between one call per block
+            and ``blocked_autorange``), so a call that is warm already is timed at once.
 
     Returns:
         A :class:`Timing` with a positive median.
@@ -119,7 +123,7 @@ def time_callable(
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"time_callable: need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    estimate, calls, took = 0.0, 0, None
+    estimate, calls, took = expect or 0.0, 0, None
     while calls < warmup or (calls < warmup + settle and took is not None and not settled(took[0], estimate, took[1])):
         m0 = _marks()
         start = time.perf_counter()
@@ -448,7 +452,7 @@ def huge_pages(enable: bool = True) -> str:
 LOADED = 0.1  # other processes' share of the CPU above which a timing is re-taken / marked †
 
 
-def timed_quietly(fn: Callable[[], object], opts) -> dict:
+def timed_quietly(fn: Callable[[], object], opts, expect: float | None = None) -> dict:
     """Time ``fn`` when the machine is quiet, as far as waiting a bounded time allows.
 
     ``opts`` has ``quiet_wait``, ``quiet_load``, ``retries``, ``warmup``, ``repeats`` and
@@ -456,12 +460,14 @@ def timed_quietly(fn: Callable[[], object], opts) -> dict:
     ``quiet_wait`` s for other processes to calm down, times, and, when they used more
     than ``LOADED`` of the CPU meanwhile, waits and times again (up to ``retries`` times),
     keeping the least disturbed attempt; every attempt's median and load stay in the result.
+    ``expect`` goes to :func:`time_callable`.
     """
     attempts = []
     for _ in range(1 + opts.retries):
         if opts.quiet_wait > 0:
             wait_for_quiet(opts.quiet_load, opts.quiet_wait, interval=0.5)
-        t = time_callable(fn, warmup=opts.warmup, repeats=opts.repeats, min_run_time=opts.min_run_time).as_dict()
+        t = time_callable(fn, warmup=opts.warmup, repeats=opts.repeats, min_run_time=opts.min_run_time,
+                          expect=expect).as_dict()
         attempts.append(t)
         if t["other_load"] is None or t["other_load"] <= LOADED:
             break
