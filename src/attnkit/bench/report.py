@@ -144,7 +144,8 @@ def _rounds_text(report: dict) -> str:
                 + (", a warm case at once; " if kept else " in a fresh process, each case after its own warm-up; ")
                 + f"{c.get('visit_repeats', 1)} block(s) of a slow call or about "
                 f"{c.get('visit_run_time', 0.02):g} s of a fast one; visits run while the sweep goes on (in up to "
-                f"{c.get('visit_share', 0):.0%} of its time, at each new N and dtype) and after it, the group with the "
+                f"{c.get('visit_share', 0):.0%} of its time, " + ("between any two cases" if kept else "at each new N and dtype")
+                + ") and after it, the group with the "
                 f"fewest rounds first, each group at least {c.get('visit_gap_s'):g} s after its last, so that a "
                 "case's samples spread over minutes (the machine's slow spells last from seconds to minutes: "
                 "benchmarks/host_drift.py)")
@@ -183,9 +184,11 @@ def render_markdown(report: dict) -> str:
         "synchronised by the timer. Every block's time is in results.json. † = other processes used more than "
         f"{LOADED:.0%} of the machine meanwhile. Tokens/s = B·N / forward time."
         + (" Every case is timed in the timing process, one process kept for the whole run (forked from the clean "
-           "server; compiled cases in the sweep's process), which keeps each case's inputs, and the heap its calls "
-           "grew, from one round to the next; round one comes right after the case's memory is measured in a fresh "
-           "process of its own. With the steady allocator a call reuses warm heap pages whatever ran before it"
+           "server; compiled cases in the sweep's process), which keeps each case's inputs from one round to the "
+           "next (and, once the sweep is done, the heap its calls grew; before, it gives the heap back after each "
+           "timing, for the fresh processes that measure memory and for accuracy); round one comes right after the "
+           "case's memory is measured in a fresh process of its own. With the steady allocator a call reuses warm "
+           "heap pages whatever ran before it"
            if _timing_process(report) else
            " Each case is first timed in a fresh process of its own, right after its memory is measured there "
            "(forked from the clean server; compiled cases in the sweep's process), so that no case's time depends on "

@@ -287,9 +287,9 @@ def _time_group(cases: list[Case], seed: int, cfg: Config, calls: dict, bracket:
     """One visit (:class:`_Visits`): every case of ``cases`` timed in turn in the calling
     process.  A case this process has not run yet is built and timed after its own warm-up
     and settling (:func:`timed_quietly`); one it has run before (``calls``: case key ->
-    (callable, its last median)) is warm -- its inputs and the heap its calls grew are
-    still there -- and is timed at once (``process_visit``: the how-manieth time this
-    process times the case).  With ``bracket``, the first case is timed again
+    (callable, its last median, times timed)) is warm -- its inputs are still there, and
+    its last median says how to time it -- and is timed at once (``process_visit``: the
+    how-manieth time this process times the case).  With ``bracket``, the first case is timed again
     after the last, and its two timings are one round (:func:`_joined`).  A case that
     raises gets ``{"error": why}`` and the others go on."""
     out = []
@@ -427,7 +427,7 @@ class _Visits:
     was sampled on both sides of such spells, so the samples must be spread over
     minutes, and as many as possible must fit in the run budget.
 
-    When: while the sweep goes on, at each change of (N, dtype), in up to
+    When: while the sweep goes on, between any two cases, in up to
     ``cfg.visit_share`` of the time gone so far; after it, in what is left of the run
     budget.  Each time, the group that is due -- a case with fewer than
     ``cfg.max_rounds`` rounds, last visited at least ``cfg.visit_gap_s`` ago -- with
@@ -640,7 +640,7 @@ def run_sweep(cfg: Config) -> dict:
     gc.freeze()
     try:
         for i, case in enumerate(cases):
-            if visits is not None and i and (case.n, case.dtype) != (cases[i - 1].n, cases[i - 1].dtype):
+            if visits is not None and i:
                 visits.during_sweep()
             row = {**case.as_dict(), "label": case.label, "flops": case_flops(case.method, case.preset.shape(case.n), case.mode)}
             why = unsupported_reason(case.method, case.preset, case.n, case.dtype, case.device)
