@@ -48,7 +48,7 @@ from .cases import (
     unsupported_reason,
 )
 from .flops import counted_flops
-from .memory import forkserver_context, peak_memory_here, run_fresh
+from .memory import child_start, exit_reason, forkserver_context, peak_memory_here, run_fresh, stop_process
 from .scaling import fit_exponent, project
 from .timing import Timing, case_time, pool, release_heap, steady_allocator, timed_quietly
 
@@ -256,7 +256,7 @@ def _measure_case(case: Case, cfg: Config, mem_ctx, sampler: _Sampler | None) ->
             row["memory"] = got
             if got.get("error"):
                 row["status"], row["reason"] = "error", f"memory: {got['error']}"
-        if cfg.timing and sampler is not None:
+        if sampler is not None:  # there is one when cfg.timing
             # round one of its time, in the timing process (trimmed after: round one of the
             # next case measures memory in a process of its own, and accuracy needs it too)
             got, why = sampler.time([case], cfg, bracket=False, trim=True, timeout=300 + 30 * cfg.time_budget_s)
@@ -302,7 +302,6 @@ def _time_group(cases: list[Case], seed: int, cfg: Config, calls: dict, bracket:
             visit = 1 if known is None else known[2] + 1
             calls[case.key()] = (fn, t["median"], visit)
             out.append({**t, "wall_s": time.monotonic() - start, "cases_in_process": len(cases), "process_visit": visit})
-            del fn
         except Exception as e:  # reported for this case only
             out.append({"error": f"{type(e).__name__}: {e}"})
         gc.collect()
@@ -317,10 +316,7 @@ def _sampler_loop(conn, seed: int, threads: int) -> None:
     bracket, trim)``, and sends back :func:`_time_group`'s rows, until it gets None.  With
     ``trim`` it gives its free heap back afterwards (while the sweep still measures memory
     and accuracy, which need it)."""
-    gc.freeze()  # what the process inherited is never garbage (see memory._child)
-    devnull = os.open(os.devnull, os.O_WRONLY)  # the result comes back by pipe
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
+    child_start(quiet=True)
     steady_allocator()
     torch.set_num_threads(threads)
     calls: dict = {}
@@ -355,6 +351,7 @@ class _Sampler:
     def __init__(self, ctx, seed: int, threads: int):
         self.ctx, self.args = ctx, (seed, threads)
         self.proc = self.conn = None
+        self.exitcode: int | None = None  # the last process's, once it is gone
 
     def time(self, cases: list[Case], opts: Config, bracket: bool, trim: bool,
              timeout: float) -> tuple[list | None, str | None]:
@@ -374,11 +371,7 @@ class _Sampler:
         except (EOFError, OSError):
             why = None
         self.close(kill=True)
-        if why is None:
-            why = f"the measuring process exited with code {self.proc_code}"
-            if self.proc_code is not None and self.proc_code < 0:
-                why += " (killed by a signal; -9 is usually the out-of-memory killer)"
-        return None, why
+        return None, why or exit_reason(self.exitcode)
 
     def close(self, kill: bool = False) -> None:
         if self.proc is None:
@@ -388,11 +381,7 @@ class _Sampler:
                 self.conn.send(None)
             except OSError:
                 pass
-        self.proc.join(timeout=0.1 if kill else 5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join()
-        self.proc_code = self.proc.exitcode
+        self.exitcode = stop_process(self.proc, 0.1 if kill else 5)
         self.conn.close()
         self.proc = self.conn = None
 
@@ -484,7 +473,8 @@ class _Visits:
         due = base + [rc for rc in due if rc[1].method != BASELINE]
         cases = [case for _, case in due]
         start = time.monotonic()
-        got, why = self.sampler.time(cases, self.opts, bool(base), trim, timeout=300 + 30 * self.cfg.time_budget_s * (len(cases) + 1))
+        got, why = self.sampler.time(cases, self.opts, bool(base), trim,
+                                     timeout=300 + 30 * self.cfg.time_budget_s * (len(cases) + 1))
         took = time.monotonic() - start
         self.last[key], self.cost[key] = time.monotonic(), took
         for (row, case), t in zip(due, got or []):
