@@ -312,3 +312,35 @@ def test_a_call_is_settled_only_if_its_fresh_memory_also_costs_under_a_percent()
     cost = fresh / 2**30 * FRESH_S_PER_GIB
     assert settled(1500, 1.2 * cost / 0.01, fresh) and not settled(1500, 0.9 * cost / 0.01, fresh)
     assert settled(1500, 3.3, None)  # where the resident set is unknown, the faults decide
+
+
+def _host_drift():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "host_drift.py"
+    spec = importlib.util.spec_from_file_location("host_drift", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_drift_resample_tells_a_steady_ratio_from_one_that_moved():
+    drift = _host_drift()
+    # a sample every 5 s for 840 s: SDPA 1.0 at best, a method 2.0 at best, both slowed at random
+    # by up to 2x; in the "moved" watch the method's floor is 50% higher in the second window
+    import random
+
+    rng = random.Random(1)
+    names = ["torch-sdpa fwd N=1024 bf16", "steady fwd N=1024 bf16", "moved fwd N=1024 bf16", "lone fwd N=2048 fp32"]
+    samples = []
+    for k in range(169):
+        t = 5.0 * k
+        slow = [1 + rng.random() for _ in range(4)]
+        samples.append([t, 1.0 * slow[0], 2.0 * slow[1], (2.0 if t < 420 else 3.0) * slow[2], slow[3]])
+    assert [len(w) for w in drift._windows(samples, 420.0)] == [84, 84]  # the sample at 840 s starts a third: dropped
+    assert [name for name, _, _ in drift._ratio_columns(names)] == names[1:3]  # no SDPA at N=2048: no ratio
+    rows = {(r["case"], r["k"]): r for r in drift.resample({"cases": names, "samples": samples}, 420.0, [3, 40],
+                                                           draws=300)}
+    assert rows["moved fwd N=1024 bf16", 40]["p_miss"] == 1.0
+    assert rows["steady fwd N=1024 bf16", 40]["p_miss"] == 0.0
+    # with few samples a run's best lands well above the floor: a steady ratio moves too
+    assert rows["steady fwd N=1024 bf16", 3]["p_miss"] > 0.05
+    assert rows["steady fwd N=1024 bf16", 3]["p95"] > rows["steady fwd N=1024 bf16", 40]["p95"]
