@@ -61,6 +61,12 @@ def _windows(samples: list[list[float]], seconds: float) -> list[list[list[float
     return [[s for s in samples if k * seconds <= s[0] < (k + 1) * seconds] for k in range(count)]
 
 
+def _best_ratio(samples: list[list[float]], i: int, j: int) -> float:
+    """Column i's best time over column j's best time in ``samples`` (rows: time, then one
+    column per call): the ratio a run that took these samples reports."""
+    return min(s[i + 1] for s in samples) / min(s[j + 1] for s in samples)
+
+
 def _ratio_columns(names: list[str]) -> list[tuple[str, int, int]]:
     """(name, method column, SDPA column) for each watched method with its SDPA case."""
     index = {name: i for i, name in enumerate(names)}
@@ -91,9 +97,7 @@ def resample(watch: dict, window: float, ks: list[int], tol: float = 0.15, draws
         for k in ks:
             changes = []
             for _ in range(draws):
-                a, b = rng.sample(first, k), rng.sample(second, k)
-                ra = min(s[i + 1] for s in a) / min(s[j + 1] for s in a)
-                rb = min(s[i + 1] for s in b) / min(s[j + 1] for s in b)
+                ra, rb = (_best_ratio(rng.sample(w, k), i, j) for w in (first, second))
                 changes.append(abs(rb / ra - 1))
             changes.sort()
             rows.append({"case": name, "k": k, "p_miss": sum(c > tol for c in changes) / draws,
@@ -117,9 +121,9 @@ def main() -> None:
     p.add_argument("--k", default="5,8,12,16,24", help="samples per case and run for --resample (default 5,8,12,16,24)")
     args = p.parse_args()
     if args.resample:
-        ks = [int(k) for k in args.k.split(",")]
-        rows = resample(json.loads(args.resample.read_text()), args.window or 420.0, ks)
-        print(f"P(ratio moves > 15%) between two {args.window or 420:g} s windows, k samples each (95th pct change):")
+        ks, window = [int(k) for k in args.k.split(",")], args.window or 420.0
+        rows = resample(json.loads(args.resample.read_text()), window, ks)
+        print(f"P(ratio moves > 15%) between two {window:g} s windows, k samples each (95th pct change):")
         print(f"  {'case':32s} " + "  ".join(f"{'k=' + str(k):>14}" for k in ks))
         for name in dict.fromkeys(r["case"] for r in rows):
             cells = [r for r in rows if r["case"] == name]
@@ -153,7 +157,7 @@ def main() -> None:
         row = {"case": name, "ratio_min": min(ratios), "ratio_max": max(ratios), "spread": spread}
         print(f"  {name:32s} {min(ratios):.3f} - {max(ratios):.3f}  (max/min - 1 = {spread:.0%})")
         if windows:  # what a run of one window's length would report: best method time / best SDPA time
-            best_ratio = [min(s[i + 1] for s in w) / min(s[j + 1] for s in w) for w in windows]
+            best_ratio = [_best_ratio(w, i, j) for w in windows]
             steps = [b / a - 1 for a, b in zip(best_ratio, best_ratio[1:])]
             row |= {"window_s": args.window, "window_ratios": best_ratio, "window_steps": steps}
             print(f"  {'':32s} per {args.window:g} s window: " + ", ".join(f"{r:.3f}" for r in best_ratio)

@@ -223,7 +223,7 @@ def run_fresh(
     silences the child's stdout and stderr (the result comes back by pipe).  Never raises
     for a failing target, so one bad case cannot stop a sweep.
     """
-    ctx = multiprocessing.get_context(context) if isinstance(context, str) else context
+    ctx = mp_context(context)
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(send, target, args, quiet), daemon=True)
     proc.start()
@@ -283,6 +283,12 @@ def measure_peak(
     result, why = run_fresh(_peak_in_child, factory, args, str(device), probe, warmup, timeout=timeout,
                             context=context, quiet=quiet)
     return result if why is None else PeakMemory(None, None, probe, error=why)
+
+
+def mp_context(context):
+    """A multiprocessing context from a start method's name ("spawn", "forkserver"...) or
+    a context itself (e.g. :func:`forkserver_context`'s)."""
+    return multiprocessing.get_context(context) if isinstance(context, str) else context
 
 
 def forkserver_context(preload: tuple[str, ...] = ("attnkit.bench.cases",)):

@@ -31,7 +31,6 @@ read).  :func:`run_stress` and :func:`run_profile` are the ``--stress`` and
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
 import sys
 import time
@@ -48,7 +47,7 @@ from .cases import (
     unsupported_reason,
 )
 from .flops import counted_flops
-from .memory import child_start, exit_reason, forkserver_context, peak_memory_here, run_fresh, stop_process
+from .memory import child_start, exit_reason, forkserver_context, mp_context, peak_memory_here, run_fresh, stop_process
 from .scaling import fit_exponent, project
 from .timing import Timing, case_time, pool, release_heap, steady_allocator, timed_quietly
 
@@ -297,9 +296,12 @@ def _time_group(cases: list[Case], seed: int, cfg: Config, calls: dict, bracket:
         start = time.monotonic()
         try:
             known = calls.get(case.key())
-            fn = make_call(case, seed) if known is None else known[0]
-            t = timed_quietly(fn, cfg) if known is None else timed_quietly(fn, replace(cfg, warmup=0), expect=known[1])
-            visit = 1 if known is None else known[2] + 1
+            if known is None:  # cold: its own warm-up and settling
+                fn, visit = make_call(case, seed), 1
+                t = timed_quietly(fn, cfg)
+            else:  # warm: timed at once, as its last median says
+                fn, median, visit = known[0], known[1], known[2] + 1
+                t = timed_quietly(fn, replace(cfg, warmup=0), expect=median)
             calls[case.key()] = (fn, t["median"], visit)
             out.append({**t, "wall_s": time.monotonic() - start, "cases_in_process": len(cases), "process_visit": visit})
         except Exception as e:  # reported for this case only
@@ -620,8 +622,7 @@ def run_sweep(cfg: Config) -> dict:
                else cfg.memory_context)
     rows, acc_rows = [], []
     bar = _Progress(len(cases), cfg.progress, "attnkit bench")
-    ctx = multiprocessing.get_context(mem_ctx) if isinstance(mem_ctx, str) else mem_ctx
-    sampler = _Sampler(ctx, cfg.seed, torch.get_num_threads()) if cfg.timing else None
+    sampler = _Sampler(mp_context(mem_ctx), cfg.seed, torch.get_num_threads()) if cfg.timing else None
     visits = _Visits(cfg, sampler, started) if cfg.max_rounds > 1 and cfg.timing else None
     _warm_process(cfg)
     # The sweep collects garbage after every case (cycles can hold tensors); what exists
